@@ -1,0 +1,1 @@
+"""Measure how a tuned checkpoint differs from its source, tensor by tensor (reads files only)."""

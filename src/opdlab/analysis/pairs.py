@@ -1,0 +1,228 @@
+"""Open checkpoints lazily and stream matching tensor pairs from two of them.
+
+A checkpoint is whatever a user has: a Hugging Face model folder (one `model.safetensors`
+or shards with `model.safetensors.index.json`), a single `.safetensors` file, or an
+opdlab run folder (its `final/` checkpoint). Files are memory-mapped by safetensors, so
+reading one tensor never loads the model. Names are compared after canonicalization, so
+a vision-language checkpoint (`model.language_model.layers.0...`) matches a plain
+language model (`model.layers.0...`). Pickle checkpoints (`*.bin`, `*.pt`) are refused.
+
+Example::
+
+    base, tuned = open_checkpoint("runs/a/../source"), open_checkpoint("runs/a")
+    for pair in iter_pairs(base, tuned, dtype=torch.bfloat16):
+        print(pair.name, pair.source.shape)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from opdlab.errors import UserError
+
+# Applied in order to every tensor name; the first matching rule wins.
+_CANONICAL_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^model\.language_model\."), "model."),
+    (re.compile(r"^language_model\.model\."), "model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^model\.text_model\."), "model."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.vision_model\."), "vision_model."),
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^model\.connector\."), "connector."),
+]
+
+_VOCAB_NAMES = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|output)\.weight$")
+
+
+def canonical_name(name: str) -> str:
+    """Map a parameter name to the form used for matching across model families."""
+    for pattern, repl in _CANONICAL_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name, count=1)
+    return name
+
+
+def resolve_checkpoint_files(path: str | Path, prefer_fp32: bool = False) -> list[Path]:
+    """The safetensors files that make up the checkpoint at `path` (see module docs).
+
+    With `prefer_fp32`, an opdlab run folder resolves to `final-fp32/` when it exists.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or folder; pass a model folder, a .safetensors file or an opdlab run folder")
+    if p.is_file():
+        if p.suffix == ".safetensors":
+            return [p]
+        if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}:
+            raise UserError(f"{p}: pickle checkpoints are not read (they can run code); convert it to .safetensors first")
+        raise UserError(f"{p}: not a .safetensors file; pass a model folder or a .safetensors file")
+    # An opdlab run folder: use its final checkpoint.
+    for sub in (["final-fp32", "final"] if prefer_fp32 else ["final"]):
+        if (p / sub).is_dir() and (p / "config.yaml").is_file():
+            return resolve_checkpoint_files(p / sub)
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        files = sorted({p / f for f in weight_map.values()})
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index}: shard {missing[0].name} is listed but missing; re-download or re-save the model")
+        return files
+    if (p / "model.safetensors").is_file():
+        return [p / "model.safetensors"]
+    files = sorted(p.glob("*.safetensors"))
+    if files:
+        return files
+    if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+        raise UserError(f"{p}: holds only pickle weights (*.bin/*.pt), which opdlab does not read; save the model with safetensors")
+    raise UserError(f"{p}: not a model folder (no *.safetensors files, no final/ checkpoint)")
+
+
+class Checkpoint:
+    """A lazily read checkpoint: tensor names, shapes and one tensor at a time."""
+
+    def __init__(self, path: str | Path, prefer_fp32: bool = False) -> None:
+        self.path = Path(path)
+        self.files = resolve_checkpoint_files(path, prefer_fp32=prefer_fp32)
+        self._handles = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        for f in self.files:
+            handle = self._open(f)
+            for key in handle.keys():
+                canon = canonical_name(key)
+                if canon in self._where:
+                    raise UserError(f"{f}: tensor '{key}' appears twice in the checkpoint (also in {self._where[canon][0].name})")
+                self._where[canon] = (f, key)
+        if not self._where:
+            raise UserError(f"{self.path}: the checkpoint holds no tensors")
+
+    def _open(self, f: Path):  # noqa: ANN202 - safetensors handle type is private
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UserError(f"{f}: not a readable safetensors file ({msg}); it may be truncated or corrupted") from None
+        return self._handles[f]
+
+    @property
+    def dtypes(self) -> set[str]:
+        """The storage dtypes present (e.g. {'BF16'})."""
+        out = set()
+        for name in list(self._where)[:50]:
+            f, key = self._where[name]
+            out.add(self._open(f).get_slice(key).get_dtype())
+        return out
+
+    def names(self) -> list[str]:
+        """Canonical tensor names, in file order."""
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f, key = self._where[name]
+        return tuple(self._open(f).get_slice(key).get_shape())
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def get(self, name: str, dtype: torch.dtype | None = None, rows: int | None = None) -> torch.Tensor:
+        """Read one tensor (optionally only its first `rows` rows), cast to `dtype`."""
+        f, key = self._where[name]
+        try:
+            if rows is None:
+                t = self._open(f).get_tensor(key)
+            else:
+                t = self._open(f).get_slice(key)[:rows]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{f}: cannot read tensor '{key}' ({str(exc).splitlines()[0]}); the file may be corrupted") from None
+        return t.to(dtype) if dtype is not None else t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+
+@dataclass
+class Matching:
+    """How the tensors of two checkpoints line up."""
+
+    names: list[str]  # present in both with compatible shapes
+    rows: dict[str, int]  # names compared on their first N rows only (padded vocabularies)
+    missing_in_tuned: list[str]
+    missing_in_base: list[str]
+    shape_mismatch: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def problems(self) -> list[str]:
+        out = [f"{n} (only in base)" for n in self.missing_in_tuned]
+        out += [f"{n} (only in tuned)" for n in self.missing_in_base]
+        out += [f"{n} (shape {list(a)} vs {list(b)})" for n, a, b in self.shape_mismatch]
+        return out
+
+
+def match_tensors(base: Checkpoint, tuned: Checkpoint, skip_mismatched: bool = False) -> Matching:
+    """Pair tensors by canonical name; padded vocabularies compare on shared rows.
+
+    Raises `UserError` listing the problems unless `skip_mismatched`.
+    """
+    names, rows, mismatch = [], {}, []
+    tuned_names = set(tuned.names())
+    base_names = set(base.names())
+    for name in base.names():
+        if name not in tuned_names:
+            continue
+        a, b = base.shape(name), tuned.shape(name)
+        if a == b:
+            names.append(name)
+        elif len(a) == len(b) == 2 and a[1] == b[1] and _VOCAB_NAMES.search(name):
+            names.append(name)
+            rows[name] = min(a[0], b[0])
+        else:
+            mismatch.append((name, a, b))
+    m = Matching(
+        names=names,
+        rows=rows,
+        missing_in_tuned=[n for n in base.names() if n not in tuned_names],
+        missing_in_base=[n for n in tuned.names() if n not in base_names],
+        shape_mismatch=mismatch,
+    )
+    if m.problems and not skip_mismatched:
+        shown = "; ".join(m.problems[:5]) + (f"; and {len(m.problems) - 5} more" if len(m.problems) > 5 else "")
+        raise UserError(
+            f"{base.path} vs {tuned.path}: {len(m.problems)} tensor(s) do not match: {shown}; "
+            "pass --skip-mismatched to analyze the rest"
+        )
+    if not m.names:
+        raise UserError(f"{base.path} vs {tuned.path}: no tensor names in common; are these the same architecture?")
+    return m
+
+
+@dataclass
+class TensorPair:
+    name: str
+    source: torch.Tensor  # W, in the analysis dtype
+    tuned: torch.Tensor  # W', in the analysis dtype
+
+
+def iter_pairs(
+    base: Checkpoint, tuned: Checkpoint, dtype: torch.dtype, matching: Matching | None = None
+) -> Iterator[TensorPair]:
+    """Yield (name, W, W') one pair at a time, both cast to `dtype`."""
+    matching = matching or match_tensors(base, tuned)
+    for name in matching.names:
+        rows = matching.rows.get(name)
+        yield TensorPair(name, base.get(name, dtype, rows), tuned.get(name, dtype, rows))

@@ -1,0 +1,495 @@
+"""Configuration: one dataclass per concern, loaded as defaults <- YAML <- CLI overrides.
+
+Each field is documented once, in the class docstring's `Fields:` list; `--help` texts
+and the docs read from there. `load_config` checks every key and type and raises a
+one-line `UserError` naming the file and field at fault. The resolved config is saved
+into every run folder (`to_yaml`). Choices are `Literal[...]` and checked by value.
+
+Example::
+
+    cfg = load_config(DistillConfig, "run.yaml", {"optim.lr": 1e-5, "method": "sft"})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from opdlab.errors import UserError
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class ModelConfig:
+    """Which models to train and score with.
+
+    Fields:
+      student: student source model (HF folder, .safetensors-bearing folder, or opdlab run); empty = the built-in pair's student.
+      teacher: teacher model (HF folder); empty = the built-in pair's teacher.
+      pair: built-in zoo pair used when student/teacher are not given.
+      device: torch device for training ("cpu", "cuda", "cuda:1").
+      trust_remote_code: allow model code shipped with a checkpoint to run (off unless you ask).
+    """
+
+    student: str | None = None
+    teacher: str | None = None
+    pair: str = "arith-tiny"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from.
+
+    Fields:
+      task: built-in task family for prompts and accuracy (empty = the pair's default task mix).
+      prompts: prompts file (.jsonl or .parquet) or a `datasets` folder saved to disk; empty = generated from `task`.
+      prompt_field: field holding the prompt text.
+      answer_field: field holding the reference answer (used for accuracy and the RL reward; optional for opd).
+      eval_prompts: held-out prompts file; empty = generated held-out prompts of `task`, or a split of `prompts`.
+      num_eval: number of held-out prompts to evaluate on.
+      max_prompt_tokens: prompts longer than this (after the chat template) are an error.
+    """
+
+    task: str | None = None
+    prompts: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    eval_prompts: str | None = None
+    num_eval: int = 128
+    max_prompt_tokens: int = 512
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled.
+
+    Fields:
+      prompts_per_step: prompts per optimizer step.
+      samples_per_prompt: completions sampled per prompt (the RL group size).
+      max_new_tokens: completion length limit.
+      temperature: sampling temperature (1.0 = on-policy).
+      top_p: nucleus sampling threshold (1.0 = off).
+      micro_batch: sequences per forward/backward pass (gradient accumulation splits the step into these).
+    """
+
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    micro_batch: int = 64
+
+
+@dataclass
+class LossConfig:
+    """The per-token training signal.
+
+    Fields:
+      loss: opd loss: reverse_kl (full vocabulary, default), forward_kl, jsd (continuous generalized JSD), topk_reverse_kl, sampled (k1 as a policy-gradient advantage), k2, k3.
+      beta: JSD mixture weight in [0, 1]; 0 = forward KL, 1 = reverse KL.
+      top_k: vocabulary entries kept (plus a tail bucket) for topk_reverse_kl.
+      vocab_chunk: positions per chunk when taking log-softmax over large vocabularies.
+      rl_kl_coef: KL-to-source penalty for method rl (0 = none).
+    """
+
+    loss: Literal["reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "sampled", "k2", "k3"] = "reverse_kl"
+    beta: float = 0.5
+    top_k: int = 32
+    vocab_chunk: int = 4096
+    rl_kl_coef: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule.
+
+    Fields:
+      optimizer: adamw or sgd.
+      lr: peak learning rate.
+      weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+      beta1: AdamW first-moment decay.
+      beta2: AdamW second-moment decay.
+      eps: AdamW epsilon.
+      momentum: SGD momentum (0 = plain SGD).
+      schedule: constant or cosine (with warmup).
+      warmup_steps: linear warmup steps.
+      grad_clip: clip the global gradient norm to this (0 = off).
+      mask: subnetwork mask (.safetensors); coordinates outside it stay bit-identical.
+    """
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    mask: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Length, logging and checkpoints of a run.
+
+    Fields:
+      steps: optimizer steps.
+      seed: seed for sampling, data order and initialisation of anything random.
+      eval_every: evaluate every N steps (and at step 0 and the end); 0 = only at 0 and the end.
+      save_every: checkpoint every N steps (and at the end); 0 = only at the end.
+      save_dtype: storage dtype of checkpoints: bf16 (as public checkpoints), fp32, or both (final-fp32/ beside final/).
+      keep_checkpoints: how many step checkpoints to keep (the newest); final/ is always kept.
+      tensorboard: also write TensorBoard event files (needs the tensorboard extra).
+      threads: torch CPU threads (0 = torch's default).
+    """
+
+    steps: int = 100
+    seed: int = 0
+    eval_every: int = 25
+    save_every: int = 50
+    save_dtype: Literal["bf16", "fp32", "both"] = "bf16"
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    threads: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """One training run: method opd | sft | rl.
+
+    Fields:
+      method: opd (student samples, teacher scores every token), sft (train on teacher completions), rl (GRPO-style verifier reward).
+      out: run folder.
+    """
+
+    method: Literal["opd", "sft", "rl"] = "opd"
+    out: str = "runs/distill"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.loss.beta <= 1.0, "loss.beta", "must be in [0, 1]")
+        check(self.optim.lr > 0, "optim.lr", "must be positive")
+        check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(0 <= self.optim.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        check(0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+        check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.run.steps >= 1, "run.steps", "must be >= 1")
+        check(self.run.eval_every >= 0 and self.run.save_every >= 0, "run.eval_every/save_every", "must be >= 0")
+        check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+        check(self.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+        check(self.rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        check(self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        check(self.rollout.micro_batch >= 1, "rollout.micro_batch", "must be >= 1")
+        check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0")
+        check(0 < self.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        check(self.loss.top_k >= 1, "loss.top_k", "must be >= 1")
+        check(self.loss.vocab_chunk >= 1, "loss.vocab_chunk", "must be >= 1")
+        check(self.data.num_eval >= 1, "data.num_eval", "must be >= 1")
+        if self.method == "rl":
+            check(self.rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt", "must be >= 2 for method rl (group baseline)")
+
+
+# ----------------------------------------------------------------------------- analysis and tools
+
+
+@dataclass
+class AnalyzeConfig:
+    """`opdlab analyze BASE TUNED`: how TUNED differs from BASE.
+
+    Fields:
+      base: source checkpoint (HF folder, .safetensors file, or opdlab run folder).
+      tuned: tuned checkpoint (same kinds).
+      out: output folder.
+      dtype: analysis dtype: both sides are cast to it before subtracting.
+      device: torch device for the math ("cpu", "cuda").
+      skip_mismatched: skip (and list) tensors missing on one side or with different shapes, instead of failing.
+      workers: threads for per-tensor work (0 = automatic).
+      exact_svd_max: largest min(m, n) for exact singular values; larger matrices use a randomized top-k method.
+      overwrite: replace a non-empty output folder.
+    """
+
+    base: str = ""
+    tuned: str = ""
+    out: str = "analysis"
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    device: str = "cpu"
+    skip_mismatched: bool = False
+    workers: int = 0
+    exact_svd_max: int = 1024
+    overwrite: bool = False
+
+
+@dataclass
+class CompareConfig:
+    """`opdlab compare BASE RUN_A RUN_B`: overlap of two runs' update masks against chance.
+
+    Fields:
+      base: the shared source checkpoint.
+      run_a: first tuned checkpoint or run folder.
+      run_b: second tuned checkpoint or run folder.
+      out: output folder.
+      dtype: analysis dtype.
+      atol: a coordinate counts as changed when |delta| > atol.
+      device: torch device.
+      skip_mismatched: skip (and list) tensors that do not match, instead of failing.
+      overwrite: replace a non-empty output folder.
+    """
+
+    base: str = ""
+    run_a: str = ""
+    run_b: str = ""
+    out: str = "compare"
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    atol: float = 0.0
+    device: str = "cpu"
+    skip_mismatched: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class MaskConfig:
+    """`opdlab mask`: extract, randomize, combine or measure subnetwork masks.
+
+    Fields:
+      base: source checkpoint (extract mode).
+      tuned: tuned checkpoint (extract mode).
+      out: output .safetensors file (or a .json file for --overlap).
+      atol: changed when |delta| > atol in the analysis dtype.
+      dtype: analysis dtype.
+      device: torch device.
+      random_like: draw a random control with the same per-tensor density as this mask.
+      union: masks to combine by union.
+      intersect: masks to combine by intersection.
+      overlap: two masks whose overlap to measure (written as JSON and printed).
+      seed: seed for --random-like.
+      overwrite: replace an existing output file.
+    """
+
+    base: str | None = None
+    tuned: str | None = None
+    out: str = "mask.safetensors"
+    atol: float = 0.0
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    device: str = "cpu"
+    random_like: str | None = None
+    union: list[str] = field(default_factory=list)
+    intersect: list[str] = field(default_factory=list)
+    overlap: list[str] = field(default_factory=list)
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class ReportConfig:
+    """`opdlab report DIR`: one self-contained report.html from what is on disk.
+
+    Fields:
+      path: a demo folder, run folder, analysis folder or experiment folder.
+      out: where report.html and figures go (empty = inside `path`).
+    """
+
+    path: str = ""
+    out: str | None = None
+
+
+@dataclass
+class ZooConfig:
+    """`opdlab zoo list | build NAME`.
+
+    Fields:
+      action: list or build.
+      name: pair to build.
+      rebuild: build again even if cached (retrains from the seed).
+    """
+
+    action: Literal["list", "build"] = "list"
+    name: str | None = None
+    rebuild: bool = False
+
+
+@dataclass
+class DemoConfig:
+    """`opdlab demo`: the whole study on the built-in pair.
+
+    Fields:
+      preset: quick (about 3 min), default (about 10 min) or full (longer, more faithful).
+      out: demo folder.
+      overwrite: replace a non-empty demo folder.
+      resume: continue an interrupted demo in `out`, skipping finished stages.
+    """
+
+    preset: Literal["quick", "default", "full"] = "default"
+    out: str = "opdlab-demo"
+    overwrite: bool = False
+    resume: bool = False
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def check(ok: bool, name: str, what: str) -> None:
+    """Raise a one-line UserError for config field `name` when `ok` is false."""
+    if not ok:
+        raise UserError(f"config field '{name}' {what}")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build `cls` from defaults, then the YAML file at `path`, then dotted `overrides`.
+
+    Overrides whose value is None are ignored (an unset CLI flag). Unknown keys, wrong
+    types and out-of-range values raise `UserError` naming the file and field.
+    """
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot read config file ({exc})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise UserError(f"{path}: {where}not valid YAML; fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: top level must be a mapping of field: value")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return _build(cls, data, source, prefix="")
+
+
+def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: field '{prefix.rstrip('.')}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # cls is a dataclass
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise UserError(f"{source}: unknown field '{prefix}{unknown[0]}'; known fields here: {known}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, source, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+
+
+def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = UserError(f"{source}: field '{name}' must be {_describe(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, source, name)
+            except UserError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"{source}: field '{name}' must be one of {', '.join(map(str, args))}; got {value!r}")
+    if origin is list:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, args[0], source, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads "1e-5" as a string
+            except ValueError:
+                raise bad from None
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if tp is Any:
+        return value
+    raise bad
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None)) + " (or empty)"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML and JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text (saved into every run folder)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,128 @@
+"""Atomic writes: a reader (or a crash) never sees a half-written file or folder.
+
+Every file opdlab writes goes to a temporary name in the same folder, is flushed and
+fsynced, and is then renamed over the target (rename is atomic on POSIX filesystems).
+Folders are written the same way: fill `NAME.tmp-<pid>`, then rename to `NAME`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success rename it over `target`.
+
+    Works for a file or a folder written at the yielded path. On an exception the
+    temporary is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp_item = tmp / target.name
+    try:
+        yield tmp_item
+        if tmp_item.is_file():
+            with open(tmp_item, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif tmp_item.is_dir():
+            for f in tmp_item.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+        else:
+            raise RuntimeError(f"atomic_path: nothing was written at {tmp_item}")
+        if target.is_dir() and not target.is_symlink():
+            # Rename the old folder aside first, so the swap never leaves a mix of both.
+            old = tmp / (target.name + ".old")
+            os.replace(target, old)
+            os.replace(tmp_item, target)
+        else:
+            os.replace(tmp_item, target)
+        _fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically (NaN/inf become null)."""
+    return write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most this line)."""
+    line = json.dumps(_finite(record)) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSON-lines file, ignoring a torn last line left by a crash."""
+    rows: list[dict[str, Any]] = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn final line from an interrupted append
+            raise
+    return rows
+
+
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Create the output folder; refuse a non-empty one unless `overwrite`."""
+    from opdlab.errors import UserError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: folder exists and is not empty; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
+    return out
