@@ -344,6 +344,45 @@ class DemoConfig:
     resume: bool = False
 
 
+@dataclass
+class ExperimentConfig:
+    """`opdlab experiment subnetwork | optimizers`: the study's two training experiments.
+
+    Fields:
+      kind: subnetwork (full OPD, then retrain only its updated coordinates, and a random matched mask) or optimizers (AdamW vs SGD with and without momentum, each with a learning-rate sweep).
+      out: experiment folder.
+      train: the OPD run every arm starts from (same source, data order, seed and schedule).
+      mask_atol: a coordinate belongs to the subnetwork when |delta| > mask_atol in mask_dtype.
+      mask_dtype: dtype in which the full run's update is compared to find the subnetwork.
+      adamw_lrs: learning rates swept for AdamW (optimizers experiment).
+      sgd_lrs: learning rates swept for SGD, with and without momentum (optimizers experiment).
+      sgd_momentum: momentum of the SGD-with-momentum arm.
+      evidence_methods: methods whose Adam second-moment spread is measured (opd, sft, rl).
+      overwrite: replace a non-empty experiment folder.
+      resume: keep finished arms in `out` and run only the missing ones.
+    """
+
+    kind: Literal["subnetwork", "optimizers"] = "subnetwork"
+    out: str = "experiment"
+    train: DistillConfig = field(default_factory=DistillConfig)
+    mask_atol: float = 0.0
+    mask_dtype: Literal["bf16", "fp32"] = "bf16"
+    adamw_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    sgd_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
+    sgd_momentum: float = 0.9
+    evidence_methods: list[str] = field(default_factory=lambda: ["opd", "sft", "rl"])
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check(all(lr > 0 for lr in self.adamw_lrs + self.sgd_lrs), "adamw_lrs/sgd_lrs", "must be positive")
+        check(bool(self.adamw_lrs) and bool(self.sgd_lrs), "adamw_lrs/sgd_lrs", "must not be empty")
+        check(0 <= self.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
+        check(self.mask_atol >= 0, "mask_atol", "must be >= 0")
+        bad = [m for m in self.evidence_methods if m not in ("opd", "sft", "rl")]
+        check(not bad, "evidence_methods", "may only hold opd, sft, rl")
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -1,0 +1,246 @@
+"""`opdlab experiment subnetwork | optimizers`: the study's two training experiments.
+
+    opdlab experiment subnetwork --out runs/subnet                   # full OPD -> mask -> retrain (mask, random mask)
+    opdlab experiment optimizers --out runs/optim --set "sgd_lrs=[0.1, 1.0]"
+
+subnetwork: (1) full OPD from the source; (2) the mask of coordinates it changed (|delta| > mask_atol
+in mask_dtype); (3) retrain from the source with only that mask trainable, same data order, seed
+and schedule; (4) the same with a random mask of identical per-tensor density. Writes
+`subnetwork.json` (docs/formats.md) with accuracy, teacher-student KL, trainable fraction and how
+close each retrained model ends to the full run.
+
+optimizers: the same OPD objective with AdamW, SGD and SGD with momentum, each over its own
+learning-rate sweep (best of each and the whole sweep are reported), plus the evidence for the
+proposed mechanism: the spread of Adam's per-coordinate second moment under opd, sft and rl.
+Writes `optimizers.json`.
+
+Every arm is a normal run folder under `runs/`; with `--resume`, finished arms are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdlab.config import DistillConfig, ExperimentConfig, load_config
+from opdlab.errors import UserError
+from opdlab.fileio import prepare_out_dir, read_jsonl, write_json
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Overrides of ExperimentConfig per preset; the demo uses the same table.
+    "quick": {"train.run.steps": 40, "adamw_lrs": [3e-4, 1e-3], "sgd_lrs": [0.1, 1.0]},
+    "default": {},
+    "full": {"train.run.steps": 300, "adamw_lrs": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "sgd_lrs": [1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]},
+}
+
+
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Build the config from CLI arguments (used by cli.py)."""
+    from opdlab.cli import parse_set
+
+    overrides: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
+    overrides.update({"kind": args.kind, "out": args.out, "overwrite": args.overwrite, "resume": args.resume})
+    overrides.update(parse_set(args.set))
+    return load_config(ExperimentConfig, args.config, overrides)
+
+
+def experiment(cfg: ExperimentConfig) -> Path:
+    """Run the experiment `cfg.kind` into `cfg.out`; return the JSON file it wrote."""
+    out = Path(cfg.out)
+    if not (cfg.resume and out.is_dir()):
+        prepare_out_dir(out, cfg.overwrite)
+    if cfg.kind == "subnetwork":
+        return run_subnetwork(cfg, out)
+    return run_optimizers(cfg, out)
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+
+def train_arm(base: DistillConfig, run_dir: Path, overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """One training run of an experiment: `base` plus dotted `overrides`, into `run_dir`.
+
+    A finished run already in `run_dir` (run.json status finished, final/ present) is kept.
+    """
+    from opdlab.config import to_dict
+    from opdlab.recipes.distill import distill
+
+    cfg = load_config(DistillConfig, None, _flatten(to_dict(base)) | (overrides or {}) | {"out": str(run_dir)})
+    info = run_dir / "run.json"
+    if info.is_file() and (run_dir / "final").is_dir():
+        status = json.loads(info.read_text(encoding="utf-8"))
+        if status.get("status") == "finished" and int(status.get("step", -1)) == cfg.run.steps:
+            return run_dir
+    if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file():
+        try:
+            return distill(cfg, resume=str(run_dir), progress=progress)
+        except UserError:
+            pass  # no complete checkpoint yet: start the arm again
+    return distill(cfg, overwrite=True, progress=progress)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def final_eval(run_dir: Path) -> dict[str, Any]:
+    """The first and last evaluation of a run: accuracy and teacher-student reverse KL."""
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/accuracy" in r or "eval/reverse_kl" in r]
+    if not rows:
+        raise UserError(f"{run_dir}/metrics.jsonl: no evaluation rows; was the run interrupted before step 0 finished?")
+    first, last = rows[0], rows[-1]
+    return {
+        "accuracy": last.get("eval/accuracy"),
+        "reverse_kl": last.get("eval/reverse_kl"),
+        "accuracy_start": first.get("eval/accuracy"),
+        "reverse_kl_start": first.get("eval/reverse_kl"),
+        "step": last.get("step"),
+    }
+
+
+def source_of(run_dir: Path) -> Path:
+    """The student source a run started from (recorded in run.json)."""
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    for key in ("student", "student_path", "source"):
+        if info.get(key):
+            return Path(info[key])
+    raise UserError(f"{run_dir}/run.json: does not record the student source path")
+
+
+def _trainable_fraction(mask_file: Path | None) -> float:
+    if mask_file is None:
+        return 1.0
+    from opdlab.subnet.masks import density, load_mask
+
+    return density(load_mask(mask_file)[0])
+
+
+# ----------------------------------------------------------------------------- subnetwork
+
+
+def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full_run: Path | None = None) -> Path:
+    """Full OPD, then retraining with its mask and with a random mask of matched density.
+
+    `full_run` reuses a finished OPD run made with `cfg.train` (the demo passes its main run).
+    """
+    from opdlab.subnet.evidence import weight_closeness
+    from opdlab.subnet.masks import extract_mask, mask_metadata, random_like, save_mask
+
+    started = time.time()
+    train = copy.deepcopy(cfg.train)
+    train.method = "opd"
+    train.run.save_dtype = "both"
+    full = full_run if full_run is not None else train_arm(train, out / "runs" / "full", progress=progress)
+    source = source_of(full)
+
+    mask_file, random_file = out / "masks" / "subnetwork.safetensors", out / "masks" / "random.safetensors"
+    if not mask_file.is_file():
+        masks = extract_mask(source, full, atol=cfg.mask_atol, dtype=cfg.mask_dtype, progress=progress)
+        save_mask(mask_file, masks, mask_metadata("extract", masks, base=str(source), tuned=str(full),
+                                                  atol=cfg.mask_atol, dtype=cfg.mask_dtype))
+    else:
+        from opdlab.subnet.masks import load_mask
+
+        masks = load_mask(mask_file)[0]
+    if not random_file.is_file():
+        control = random_like(masks, seed=cfg.train.run.seed)
+        save_mask(random_file, control, mask_metadata("random_like", control, source=str(mask_file), seed=cfg.train.run.seed))
+
+    arms: dict[str, dict[str, Any]] = {}
+    for name, mask in (("full", None), ("subnetwork", mask_file), ("random", random_file)):
+        run_dir = full if mask is None else train_arm(train, out / "runs" / name, {"optim.mask": str(mask)}, progress)
+        row = {"run_dir": str(run_dir), "mask": str(mask) if mask else None, "trainable_fraction": _trainable_fraction(mask)}
+        row.update(final_eval(run_dir))
+        if mask is not None:
+            row["close_to_full"] = weight_closeness(source, full, run_dir)
+        arms[name] = row
+    first = final_eval(full)
+    result = {
+        "schema": 1,
+        "kind": "subnetwork",
+        "source": {"path": str(source), "accuracy": first["accuracy_start"], "reverse_kl": first["reverse_kl_start"]},
+        "mask": {"file": str(mask_file), "atol": cfg.mask_atol, "dtype": cfg.mask_dtype,
+                 "density": arms["subnetwork"]["trainable_fraction"]},
+        "runs": arms,
+        "seconds": round(time.time() - started, 1),
+    }
+    return write_json(out / "subnetwork.json", result)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def _adam_state(run_dir: Path) -> tuple[dict, list[str]] | None:
+    """The final AdamW state of a run and its parameter names, from the newest checkpoint."""
+    from opdlab.distill.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    trainer = found[-1][1] / "trainer_state"
+    state = torch.load(trainer / "optimizer.pt", weights_only=True)
+    meta = json.loads((trainer / "state.json").read_text(encoding="utf-8"))
+    return state, list(meta.get("param_names", []))
+
+
+def run_optimizers(
+    cfg: ExperimentConfig, out: Path, progress: bool = True, evidence_runs: dict[str, Path] | None = None
+) -> Path:
+    """AdamW vs SGD (with and without momentum), each over a learning-rate sweep, plus evidence.
+
+    `evidence_runs` maps a method to a finished AdamW run of it to read the second moment from
+    (the demo passes its main opd/sft/rl runs); other methods are trained at AdamW's best lr.
+    """
+    from opdlab.subnet.evidence import second_moment_spread
+
+    started = time.time()
+    train = copy.deepcopy(cfg.train)
+    train.method = "opd"
+    arms = [("adamw", lr, {"optim.optimizer": "adamw"}) for lr in cfg.adamw_lrs]
+    arms += [("sgd", lr, {"optim.optimizer": "sgd", "optim.momentum": 0.0}) for lr in cfg.sgd_lrs]
+    arms += [("sgd_momentum", lr, {"optim.optimizer": "sgd", "optim.momentum": cfg.sgd_momentum}) for lr in cfg.sgd_lrs]
+    sweep = []
+    for name, lr, extra in arms:
+        run_dir = train_arm(train, out / "runs" / f"{name}-lr{lr:g}", {**extra, "optim.lr": lr}, progress)
+        row = {"optimizer": name, "lr": lr, "run_dir": str(run_dir)}
+        row.update(final_eval(run_dir))
+        sweep.append(row)
+    best: dict[str, Any] = {}
+    for name in ("adamw", "sgd", "sgd_momentum"):
+        rows = [r for r in sweep if r["optimizer"] == name]
+        # Best = highest final accuracy, ties broken by lower teacher-student KL.
+        best[name] = max(rows, key=lambda r: ((r["accuracy"] or 0.0), -(r["reverse_kl"] or 0.0)))
+
+    # Evidence: spread of Adam's second moment under each method at AdamW's best learning rate.
+    evidence: dict[str, Any] = {}
+    best_lr = best["adamw"]["lr"]
+    for method in cfg.evidence_methods:
+        if evidence_runs and method in evidence_runs:
+            run_dir = Path(evidence_runs[method])
+        elif method == "opd":
+            run_dir = Path(best["adamw"]["run_dir"])
+        else:
+            run_dir = train_arm(train, out / "runs" / f"evidence-{method}", {"method": method, "optim.optimizer": "adamw",
+                                                                           "optim.lr": best_lr}, progress)
+        loaded = _adam_state(run_dir)
+        if loaded is None:
+            continue
+        spread = second_moment_spread(*loaded)
+        lr_used = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
+        evidence[method] = {"run_dir": str(run_dir), "lr": lr_used, "median_cv": spread["median"],
+                            "mean_cv": spread["mean"], "per_tensor": spread["per_tensor"]}
+    result = {"schema": 1, "kind": "optimizers", "sweep": sweep, "best": best,
+              "second_moment_cv": evidence, "seconds": round(time.time() - started, 1)}
+    return write_json(out / "optimizers.json", result)
