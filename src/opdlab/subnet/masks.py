@@ -1,0 +1,264 @@
+"""Subnetwork masks: extract, save/load, fit to a model, random controls, union/intersection, overlap.
+
+A mask is a `.safetensors` file of bool tensors keyed by canonical parameter names
+(`opdlab.analysis.pairs.canonical_name`), with string metadata in the header:
+`kind` (extract | random_like | union | intersect), `source`, `tuned`, `atol`, `dtype`,
+`density`, `seed`. True means "this coordinate may be trained".
+
+    masks = extract_mask("runs/base", "runs/opd", atol=0.0, dtype="bf16")
+    save_mask("mask.safetensors", masks, mask_metadata("extract", masks, source=..., tuned=...))
+    masks, meta = load_mask("mask.safetensors")
+    fitted = fit_mask_to_model(masks, list(model.named_parameters()), "mask.safetensors")
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from opdlab.analysis.aggregate import classify
+from opdlab.analysis.metrics_overlap import add_counts, overlap_counts, overlap_stats
+from opdlab.analysis.metrics_sparsity import changed_mask
+from opdlab.analysis.pairs import Checkpoint, canonical_name, iter_pairs, match_tensors
+from opdlab.errors import UserError
+from opdlab.fileio import atomic_path
+
+MaskDict = dict[str, torch.Tensor]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_mask(path: str | Path) -> tuple[MaskDict, dict[str, str]]:
+    """Read a mask file -> (bool tensors by name, header metadata). Bad files raise UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: mask file not found; create one with `opdlab mask BASE TUNED --out {path.name}`")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = dict(fh.metadata() or {})
+            masks: MaskDict = {}
+            for key in fh.keys():
+                dtype = fh.get_slice(key).get_dtype()
+                if dtype != "BOOL":
+                    raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; a mask holds only bool tensors")
+                masks[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable safetensors mask file ({msg})") from None
+    if not masks:
+        raise UserError(f"{path}: the mask file holds no tensors")
+    return masks, metadata
+
+
+def save_mask(path: str | Path, masks: MaskDict, metadata: dict[str, str]) -> None:
+    """Write bool `masks` and string `metadata` to a safetensors file atomically."""
+    for name, m in masks.items():
+        if m.dtype != torch.bool:
+            raise ValueError(f"save_mask: tensor '{name}' is {m.dtype}, expected torch.bool")
+    tensors = {name: m.detach().to("cpu").contiguous() for name, m in masks.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def density(masks: MaskDict) -> float:
+    """Fraction of True coordinates over all tensors (numel-weighted)."""
+    n = sum(m.numel() for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / n if n else 0.0
+
+
+def mask_metadata(kind: str, masks: MaskDict, **fields: object) -> dict[str, str]:
+    """Header metadata: kind, density and any extra fields (None values dropped), all as strings."""
+    meta = {"kind": kind, "density": repr(density(masks))}
+    meta.update({k: str(v) for k, v in fields.items() if v is not None})
+    return meta
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def fit_mask_to_model(
+    masks: MaskDict, named_params: Iterable[tuple[str, torch.nn.Parameter]], source: str
+) -> dict[str, torch.Tensor]:
+    """Line mask tensors up with a model's parameters by canonical name and check shapes.
+
+    Returns one bool tensor per parameter (keyed by the model's own names, on the parameter's
+    device). Parameters with no mask entry get an all-false mask — they are frozen entirely —
+    and a warning says how many. A mask tensor with no matching parameter or a wrong shape is
+    a UserError naming it (`source` is the mask file, for the message).
+    """
+    named_params = list(named_params)
+    by_canon = {canonical_name(k): k for k in masks}
+    params_canon = {canonical_name(n) for n, _ in named_params}
+    unknown = [k for c, k in by_canon.items() if c not in params_canon]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise UserError(f"{source}: mask tensor '{unknown[0]}'{more} is not a parameter of the model; "
+                        "was the mask made for another architecture?")
+    fitted: dict[str, torch.Tensor] = {}
+    frozen_tensors = frozen_coords = 0
+    for name, p in named_params:
+        key = by_canon.get(canonical_name(name))
+        if key is None:
+            fitted[name] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            frozen_tensors += 1
+            frozen_coords += p.numel()
+            continue
+        m = masks[key]
+        if m.dtype != torch.bool:
+            raise UserError(f"{source}: tensor '{key}' has dtype {m.dtype}; a mask holds only bool tensors")
+        if tuple(m.shape) != tuple(p.shape):
+            raise UserError(f"{source}: tensor '{key}' has shape {list(m.shape)} but the model's parameter "
+                            f"'{name}' has shape {list(p.shape)}; the mask was made for another model")
+        fitted[name] = m.to(p.device)
+    if frozen_tensors:
+        warnings.warn(f"{source}: {frozen_tensors} parameter(s) ({frozen_coords} coordinates) have no mask "
+                      "entry and stay frozen", stacklevel=2)
+    return fitted
+
+
+def zero_grads_outside(named_params: Iterable[tuple[str, torch.nn.Parameter]], masks: dict[str, torch.Tensor]) -> None:
+    """Set every gradient coordinate outside its mask to exactly 0 (None for unmasked parameters).
+
+    Called before gradient clipping so the global norm counts only trainable coordinates.
+    `masked_fill_` (not a multiply) so a NaN/inf gradient outside the mask cannot leak in.
+    """
+    for name, p in named_params:
+        if p.grad is None:
+            continue
+        m = masks.get(name)
+        if m is None:
+            p.grad = None
+        else:
+            p.grad.masked_fill_(m.logical_not(), 0)
+
+
+# ----------------------------------------------------------------------------- making masks
+
+
+def extract_mask(
+    base: str | Path | Checkpoint, tuned: str | Path | Checkpoint, atol: float = 0.0,
+    dtype: str = "bf16", device: str = "cpu", progress: bool = True,
+) -> MaskDict:
+    """The coordinates TUNED changed from BASE: |W' - W| > atol in the analysis dtype (DESIGN "Sparsity").
+
+    Streams one tensor pair at a time. Padded vocabularies (compared on shared rows) give a
+    mask of the base's shape with the extra rows False. Returns CPU bool tensors keyed by
+    canonical name.
+    """
+    from tqdm import tqdm
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    base_ck = base if isinstance(base, Checkpoint) else Checkpoint(base)
+    tuned_ck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    matching = match_tensors(base_ck, tuned_ck)
+    masks: MaskDict = {}
+    pairs = iter_pairs(base_ck, tuned_ck, DTYPES[dtype], matching)
+    for pair in tqdm(pairs, total=len(matching.names), desc="mask", unit="tensor", disable=not progress, leave=False):
+        changed = changed_mask(pair.source.to(device), pair.tuned.to(device), atol).to("cpu", torch.bool)
+        if pair.name in matching.rows:
+            full = torch.zeros(base_ck.shape(pair.name), dtype=torch.bool)
+            full[: changed.shape[0]] = changed
+            changed = full
+        masks[pair.name] = changed
+    return masks
+
+
+def _sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct indices drawn uniformly from range(n), in O(k) memory (int64, sorted).
+
+    Draws uniform integers until at least k distinct ones are seen, then keeps a random k of
+    them; any procedure symmetric in the coordinates gives a uniform k-subset. For k > n/2 it
+    samples the complement instead, so the number of draws stays below ~2k.
+    """
+    if k > n // 2:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[_sample_indices(n, n - k, gen)] = False
+        return keep.nonzero().squeeze(1)
+    chosen = torch.empty(0, dtype=torch.int64)
+    while chosen.numel() < k:
+        need = k - chosen.numel()
+        draw = torch.randint(0, n, (need + need // 8 + 16,), generator=gen)
+        chosen = torch.unique(torch.cat([chosen, draw]))
+    if chosen.numel() > k:
+        chosen = chosen[torch.randperm(chosen.numel(), generator=gen)[:k]].sort().values
+    return chosen
+
+
+def random_like(masks: MaskDict, seed: int = 0) -> MaskDict:
+    """A random control mask with exactly the same number of True entries in every tensor.
+
+    Each tensor's draw is seeded from (seed, tensor name), so it does not depend on the order
+    or the set of other tensors in the file.
+    """
+    out: MaskDict = {}
+    for name, m in masks.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[_sample_indices(m.numel(), int(m.sum()), gen)] = True
+        out[name] = flat.view(m.shape)
+    return out
+
+
+def _combine(masks_list: list[MaskDict], sources: list[str], op: str) -> MaskDict:
+    if len(masks_list) < 2:
+        raise UserError(f"--{op} needs at least two masks; got {len(masks_list)}")
+    first, first_src = masks_list[0], sources[0]
+    out = {name: m.clone() for name, m in first.items()}
+    for other, src in zip(masks_list[1:], sources[1:]):
+        if set(other) != set(first):
+            name = sorted(set(other) ^ set(first))[0]
+            where = src if name in other else first_src
+            raise UserError(f"{where}: tensor '{name}' is not in every mask; --{op} needs masks of the same model")
+        for name, m in other.items():
+            if m.shape != out[name].shape:
+                raise UserError(f"{src}: tensor '{name}' has shape {list(m.shape)} but {list(out[name].shape)} "
+                                f"in {first_src}; --{op} needs masks of the same model")
+            if op == "union":
+                out[name] |= m
+            else:
+                out[name] &= m
+    return out
+
+
+def union(masks_list: list[MaskDict], sources: list[str] | None = None) -> MaskDict:
+    """Coordinates true in any of the masks (same names and shapes required)."""
+    return _combine(masks_list, sources or [f"mask {i}" for i in range(len(masks_list))], "union")
+
+
+def intersect(masks_list: list[MaskDict], sources: list[str] | None = None) -> MaskDict:
+    """Coordinates true in all of the masks (same names and shapes required)."""
+    return _combine(masks_list, sources or [f"mask {i}" for i in range(len(masks_list))], "intersect")
+
+
+def overlap(mask_a: MaskDict, mask_b: MaskDict, source_a: str = "A", source_b: str = "B") -> dict[str, object]:
+    """Overlap of two masks against chance (DESIGN 7): whole model, and per tensor.
+
+    Returns {"total": {...}, "blocks": {block: {...}}, "tensors": {name: {...}}}, each entry the
+    integer counts (n, a, b, both) — which add up across tensors — and the stats derived from them.
+    """
+    if set(mask_a) != set(mask_b):
+        name = sorted(set(mask_a) ^ set(mask_b))[0]
+        where = source_a if name in mask_a else source_b
+        raise UserError(f"{where}: tensor '{name}' is only in this mask; --overlap needs masks of the same model")
+    total: dict[str, int] = {}
+    blocks: dict[str, dict[str, int]] = {}
+    tensors: dict[str, dict[str, object]] = {}
+    for name, a in mask_a.items():
+        b = mask_b[name]
+        if a.shape != b.shape:
+            raise UserError(f"{source_b}: tensor '{name}' has shape {list(b.shape)} but {list(a.shape)} in "
+                            f"{source_a}; --overlap needs masks of the same model")
+        counts = overlap_counts(a, b)
+        add_counts(total, counts)
+        add_counts(blocks.setdefault(classify(canonical_name(name))[2], {}), counts)
+        tensors[name] = {**counts, **overlap_stats(counts)}
+    return {"total": {**total, **overlap_stats(total)},
+            "blocks": {block: {**c, **overlap_stats(c)} for block, c in blocks.items()}, "tensors": tensors}
