@@ -161,7 +161,8 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
     arms: dict[str, dict[str, Any]] = {}
     for name, mask in (("full", None), ("subnetwork", mask_file), ("random", random_file)):
         run_dir = full if mask is None else train_arm(train, out / "runs" / name, {"optim.mask": str(mask)}, progress)
-        row = {"run_dir": str(run_dir), "mask": str(mask) if mask else None, "trainable_fraction": _trainable_fraction(mask)}
+        row = {"run_dir": str(run_dir.resolve()), "mask": str(mask) if mask else None,
+               "trainable_fraction": _trainable_fraction(mask)}
         row.update(final_eval(run_dir))
         if mask is not None:
             row["close_to_full"] = weight_closeness(source, full, run_dir)
@@ -170,6 +171,7 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
     result = {
         "schema": 1,
         "kind": "subnetwork",
+        "num_eval": train.data.num_eval,
         "source": {"path": str(source), "accuracy": first["accuracy_start"], "reverse_kl": first["reverse_kl_start"]},
         "mask": {"file": str(mask_file), "atol": cfg.mask_atol, "dtype": cfg.mask_dtype,
                  "density": arms["subnetwork"]["trainable_fraction"]},
@@ -214,7 +216,7 @@ def run_optimizers(
     sweep = []
     for name, lr, extra in arms:
         run_dir = train_arm(train, out / "runs" / f"{name}-lr{lr:g}", {**extra, "optim.lr": lr}, progress)
-        row = {"optimizer": name, "lr": lr, "run_dir": str(run_dir)}
+        row = {"optimizer": name, "lr": lr, "run_dir": str(run_dir.resolve())}
         row.update(final_eval(run_dir))
         sweep.append(row)
     best: dict[str, Any] = {}
@@ -241,6 +243,6 @@ def run_optimizers(
         lr_used = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
         evidence[method] = {"run_dir": str(run_dir), "lr": lr_used, "median_cv": spread["median"],
                             "mean_cv": spread["mean"], "per_tensor": spread["per_tensor"]}
-    result = {"schema": 1, "kind": "optimizers", "sweep": sweep, "best": best,
+    result = {"schema": 1, "kind": "optimizers", "num_eval": train.data.num_eval, "sweep": sweep, "best": best,
               "second_moment_cv": evidence, "seconds": round(time.time() - started, 1)}
     return write_json(out / "optimizers.json", result)
