@@ -127,9 +127,7 @@ def demo(cfg: DemoConfig) -> Path:
     manifest = Manifest(out, cfg.preset, cfg.resume)
     print(f"opdlab demo ({cfg.preset}) -> {out}", flush=True)
 
-    pair = manifest.run("pair", "pair", out, lambda: build_pair("arith-tiny"), out)
-    if isinstance(pair, Path):  # skipped: the pair is cached, building again only copies
-        pair = build_pair("arith-tiny")
+    pair = build_pair("arith-tiny")  # cached after the first build
     source = Path(pair.student)
     base = base_config(preset, out / "runs" / "opd")
 
@@ -195,11 +193,12 @@ def demo(cfg: DemoConfig) -> Path:
 
     # ---- 6. the report, and the findings on the terminal
     report_dir = out / "report"
-    html = manifest.run("report", "report", report_dir, lambda: report(load_config(ReportConfig, None, {
+    manifest.run("report", "report", report_dir, lambda: report(load_config(ReportConfig, None, {
         "path": str(out), "out": str(report_dir)})), out)
     print_findings(report_dir / "findings.json", runs)
+    print(f"report: {report_dir / 'report.html'}")
     print(f"demo finished in {manifest.data['total_s'] / 60:.1f} min", flush=True)
-    return Path(html) if not isinstance(html, Path) or html.suffix == ".html" else report_dir / "report.html"
+    return report_dir / "report.html"
 
 
 def print_findings(findings_file: Path, runs: dict[str, Path]) -> None:
@@ -214,14 +213,12 @@ def print_findings(findings_file: Path, runs: dict[str, Path]) -> None:
             continue
         print(f"  {name:<12} acc {_fmt(e['accuracy_start'])} -> {_fmt(e['accuracy'])}   "
               f"KL {_fmt(e['reverse_kl_start'])} -> {_fmt(e['reverse_kl'])}")
-    if not findings_file.is_file():
-        return
-    findings = json.loads(findings_file.read_text(encoding="utf-8")).get("findings", [])
-    print("\nfindings (rules in docs/findings.md; evidence in the report)")
-    for f in findings:
-        print(f"  {f.get('number', ''):>2}. {f.get('verdict', ''):<14} {f.get('claim', '')}")
-        if f.get("measured"):
-            print(f"      measured: {f['measured']}")
+    if findings_file.is_file():
+        from opdlab.report.discover import discover, findings_inputs
+        from opdlab.report.findings import build_findings, format_table
+
+        print("\nfindings (rules in docs/findings.md; evidence in the report)")
+        print(format_table(build_findings(findings_inputs(discover(findings_file.parent.parent)))))
 
 
 def _fmt(x: Any) -> str:
