@@ -152,6 +152,10 @@ class Checkpoint:
             raise UserError(f"{f}: cannot read tensor '{key}' ({str(exc).splitlines()[0]}); the file may be corrupted") from None
         return t.to(dtype) if dtype is not None else t
 
+    def location(self, name: str) -> tuple[Path, str]:
+        """(file, key inside that file) of a canonical tensor name."""
+        return self._where[name]
+
     def __contains__(self, name: str) -> bool:
         return name in self._where
 

@@ -96,7 +96,8 @@ def delta_spectra(spectra: Mapping[str, Sequence[float]], path: Path) -> Path:
             continue
         ax.semilogy([i / len(sv) for i in range(1, len(sv) + 1)], [x / sv[0] for x in sv], label=name)
     ax.set(xlabel="index / min(m, n)", ylabel="σ_i / σ_1", title="Singular values of Δ")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing to plot when no matrix changed
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
