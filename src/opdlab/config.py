@@ -39,6 +39,7 @@ class ModelConfig:
       pair: built-in zoo pair used when student/teacher are not given.
       device: torch device for training ("cpu", "cuda", "cuda:1").
       trust_remote_code: allow model code shipped with a checkpoint to run (off unless you ask).
+      shard_teacher: under torchrun, shard the teacher with FSDP2 too (forward only) instead of a full copy per process.
     """
 
     student: str | None = None
@@ -46,6 +47,7 @@ class ModelConfig:
     pair: str = "arith-tiny"
     device: str = "cpu"
     trust_remote_code: bool = False
+    shard_teacher: bool = False
 
 
 @dataclass
@@ -82,6 +84,7 @@ class RolloutConfig:
       temperature: sampling temperature (1.0 = on-policy).
       top_p: nucleus sampling threshold (1.0 = off).
       micro_batch: sequences per forward/backward pass (gradient accumulation splits the step into these).
+      backend: who generates the rollouts: hf (transformers generate) or vllm (needs the vllm extra and a GPU).
     """
 
     prompts_per_step: int = 16
@@ -90,6 +93,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch: int = 64
+    backend: Literal["hf", "vllm"] = "hf"
 
 
 @dataclass
@@ -155,6 +159,7 @@ class RunConfig:
       keep_checkpoints: how many step checkpoints to keep (the newest); final/ is always kept.
       tensorboard: also write TensorBoard event files (needs the tensorboard extra).
       threads: torch CPU threads (0 = torch's default).
+      on_nonfinite: what a NaN/inf loss or gradient does: stop (one-line error naming the step; the last good checkpoint is kept) or skip (drop that batch: no optimizer step, logged as train/skipped_nonfinite).
     """
 
     steps: int = 100
@@ -165,6 +170,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     threads: int = 0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -439,7 +445,7 @@ def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:
         raise UserError(f"{source}: field '{prefix.rstrip('.')}' must be a mapping")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # cls is a dataclass
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers or null too
     if unknown:
         known = ", ".join(sorted(fields))
         raise UserError(f"{source}: unknown field '{prefix}{unknown[0]}'; known fields here: {known}")

@@ -1,0 +1,91 @@
+"""Held-out evaluation: greedy task accuracy and the teacher-student reverse KL per token.
+
+    row = evaluate(student, teacher, tok, examples, prompt_ids, max_new_tokens=16, batch_size=64,
+                   vocab_size=V, chunk=4096)
+    row  # {"eval/accuracy": 0.42, "eval/reverse_kl": 0.18, "eval/accuracy/addition": 0.42, ...}
+
+The student answers each held-out prompt greedily (the deterministic "what has it learned"
+view); the reverse KL KL(p_student || p_teacher), summed over the vocabulary, is averaged over
+the completion tokens of those greedy answers. Accuracy is skipped when the prompts carry no
+answers (a user prompts file without an answer field). Evaluation draws no random numbers,
+and runs inside `torch.random.fork_rng` anyway, so the training stream is the same whatever
+the evaluation schedule: a resumed run stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+
+from opdlab.data.tasks import get_task
+from opdlab.distill.losses import log_softmax_chunked, reverse_kl
+from opdlab.distill.rollout import Rollout, completion_logits, roll_out, score
+
+
+def has_answers(examples: Sequence[Any]) -> bool:
+    """True when every example carries a reference answer to check completions against."""
+    return bool(examples) and all(getattr(ex, "answer", None) not in (None, "") for ex in examples)
+
+
+def is_correct(completion: str, example: Any) -> bool:
+    """The example's task checker; exact match (whitespace stripped) for records without a task."""
+    if example.task:
+        return bool(get_task(example.task).is_correct(completion, example))
+    return completion.strip() == example.answer.strip()
+
+
+def rollout_correct(completions: Sequence[str], examples: Sequence[Any]) -> torch.Tensor:
+    """1.0 where the completion is correct for its example, else 0.0: -> [N]."""
+    return torch.tensor([float(is_correct(c, ex)) for c, ex in zip(completions, examples)])
+
+
+@torch.no_grad()
+def mean_reverse_kl(student: Any, teacher: Any, batch: Rollout, vocab_size: int, chunk: int) -> tuple[float, int]:
+    """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one rollout batch."""
+    mask = batch.mask_BC
+    logp_s = log_softmax_chunked(completion_logits(student, batch, vocab_size), chunk, mask)
+    logp_t = log_softmax_chunked(score(teacher, batch, vocab_size), chunk, mask)
+    return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
+
+
+def evaluate(
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    vocab_size: int,
+    chunk: int,
+) -> dict[str, float]:
+    """Greedy accuracy (overall and per task) and per-token reverse KL on held-out prompts."""
+    with torch.random.fork_rng(devices=[]):
+        was_training = student.training
+        student.eval()
+        try:
+            completions: list[str] = []
+            kl_sum, kl_tokens = 0.0, 0
+            for start in range(0, len(examples), batch_size):
+                stop = start + batch_size
+                batch = roll_out(student, tokenizer, prompt_ids[start:stop], examples[start:stop],
+                                 samples=1, max_new_tokens=max_new_tokens, greedy=True)
+                completions.extend(batch.completions)
+                s, n = mean_reverse_kl(student, teacher, batch, vocab_size, chunk)
+                kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
+        finally:
+            student.train(was_training)
+    row: dict[str, float] = {"eval/reverse_kl": kl_sum / max(kl_tokens, 1)}
+    if has_answers(examples):
+        correct = rollout_correct(completions, examples)
+        row["eval/accuracy"] = float(correct.mean())
+        by_task: dict[str, list[float]] = defaultdict(list)
+        for ok, ex in zip(correct.tolist(), examples):
+            by_task[ex.task or "exact"].append(ok)
+        if len(by_task) > 1:
+            for task, oks in sorted(by_task.items()):
+                row[f"eval/accuracy/{task}"] = sum(oks) / len(oks)
+    return row

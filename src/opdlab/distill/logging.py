@@ -1,0 +1,89 @@
+"""One logging path: a flat dict per step -> metrics.jsonl, optional TensorBoard, the progress bar.
+
+    log = MetricsLog(run_dir, tensorboard=False, total_steps=100, first_step=0)
+    log.write({"step": 3, "train/loss": 0.41, "train/reverse_kl": 0.39, ...})
+    log.close()
+
+Key names are stable (the report reads them): `train/loss`, `train/reverse_kl`, `train/reward`,
+`train/grad_norm`, `train/lr`, `train/completion_tokens`, `train/tokens_per_s`, `time/rollout_s`,
+`time/score_s`, `time/update_s`, and on evaluation steps `eval/accuracy`, `eval/reverse_kl`
+(and `eval/accuracy/<task>` for a task mixture).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from opdlab.errors import UserError
+from opdlab.fileio import append_jsonl, read_jsonl, write_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop rows after `last_step` (logged by an interrupted run after its last checkpoint)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    import json
+
+    rows = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= last_step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def require_tensorboard() -> None:
+    """Fail early (before any model loads) when the TensorBoard sink is asked for but missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError("run.tensorboard is on but tensorboard is not installed; "
+                        "pip install 'opdlab[tensorboard]' or drop the setting") from None
+
+
+class MetricsLog:
+    """Appends step dicts to metrics.jsonl, mirrors them to TensorBoard, and drives a tqdm bar."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool, total_steps: int, first_step: int, progress: bool = True):
+        self.path = run_dir / METRICS_FILE
+        self.tb = None
+        if tensorboard:
+            require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=first_step, desc="distill", unit="step", dynamic_ncols=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Log one flat dict (it must have "step"); eval-only rows do not advance the bar."""
+        append_jsonl(self.path, row)
+        step = int(row["step"])
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.bar is not None:
+            shown = {}
+            for key, label in (("train/loss", "loss"), ("train/reverse_kl", "kl"), ("train/tokens_per_s", "tok/s"),
+                               ("eval/accuracy", "eval_acc")):
+                if key in row and row[key] is not None:
+                    value = row[key]
+                    shown[label] = f"{value:.0f}" if label == "tok/s" else f"{value:.4g}"
+            if shown:
+                self.bar.set_postfix(shown, refresh=False)
+            if "train/loss" in row:
+                self.bar.update(step - self.bar.n)
+            else:
+                self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,221 @@
+"""Roll out completions and score them: batched, left-padded, KV-cached.
+
+A rollout batch is one padded tensor per step: the prompts, left-padded to a common
+length P and rendered through the chat template, followed by the sampled completions
+(right-padded). Every later pass (student loss, teacher scoring, evaluation) runs on
+exactly these token ids, so teacher and student see the same rendering (NOTES.md: a
+chat-template mismatch silently biases the signal).
+
+    prompts = render_prompts(tok, [ex.prompt for ex in examples])
+    batch = roll_out(student, tok, prompts, examples, samples=4, max_new_tokens=16)
+    t_logits_BCV = score(teacher, batch, vocab_size=student.config.vocab_size)
+
+Shapes: B rows (prompts x samples), T = P + C columns, C completion columns, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from opdlab.errors import UserError
+
+
+@dataclass
+class Rollout:
+    """Prompts and completions of one batch, padded together.
+
+    input_ids_BT: left-padded prompt in columns [0, P), completion in [P, T).
+    attention_mask_BT: 1 on real prompt tokens and completion tokens up to the first EOS.
+    completion_mask_BT: 1 on completion tokens up to and including the first EOS; never prompt or pad.
+    prompt_len: P.
+    completions: decoded completions (special tokens and EOS stripped), one per row.
+    examples: the example behind each row (a prompt repeated `samples` times sits in adjacent rows).
+    """
+
+    input_ids_BT: Tensor
+    attention_mask_BT: Tensor
+    completion_mask_BT: Tensor
+    prompt_len: int
+    completions: list[str]
+    examples: list[Any]
+
+    @property
+    def targets_BC(self) -> Tensor:
+        """The completion tokens (the prediction targets), [B, C]."""
+        return self.input_ids_BT[:, self.prompt_len:]
+
+    @property
+    def mask_BC(self) -> Tensor:
+        """Completion mask restricted to the completion columns, [B, C]."""
+        return self.completion_mask_BT[:, self.prompt_len:]
+
+    def rows(self, start: int, stop: int) -> "Rollout":
+        """Rows [start, stop) as a smaller rollout, with all-pad columns at both ends dropped."""
+        ids, attn, comp = (t[start:stop] for t in (self.input_ids_BT, self.attention_mask_BT, self.completion_mask_BT))
+        used = attn.any(dim=0)
+        first_prompt = int(used[: self.prompt_len].float().argmax()) if bool(used[: self.prompt_len].any()) else self.prompt_len - 1
+        first_prompt = min(first_prompt, self.prompt_len - 1)  # keep >= 1 prompt column: logits at P-1 predict token P
+        completion_used = comp[:, self.prompt_len:].any(dim=0).nonzero()
+        last = self.prompt_len + (int(completion_used.max()) + 1 if len(completion_used) else 1)
+        return Rollout(
+            ids[:, first_prompt:last], attn[:, first_prompt:last], comp[:, first_prompt:last],
+            self.prompt_len - first_prompt, self.completions[start:stop], self.examples[start:stop],
+        )
+
+
+def render_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as a user turn plus the generation prompt (the chat template).
+
+    A tokenizer without a chat template (a base model) gets the plain text tokens.
+    """
+    out: list[list[int]] = []
+    for text in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to a [B, P] id tensor and its attention mask."""
+    if not seqs or min(len(s) for s in seqs) == 0:
+        raise UserError("a prompt rendered to zero tokens; every prompt needs text")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def completion_mask(completion_ids_BC: Tensor, eos_ids: Sequence[int]) -> Tensor:
+    """1 on completion tokens up to and including the first EOS, 0 after it, [B, C] long."""
+    is_eos = torch.isin(completion_ids_BC, torch.tensor(list(eos_ids), dtype=torch.long, device=completion_ids_BC.device))
+    # Number of EOS tokens strictly before each position; a token is kept while that is 0.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def roll_out(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    examples: Sequence[Any],
+    *,
+    samples: int = 1,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    seeds: Sequence[int] | None = None,
+) -> Rollout:
+    """Sample `samples` completions per prompt with `model.generate` (KV cache, stop at EOS).
+
+    Sampling draws from torch's global RNG, so `torch.manual_seed` (and the RNG state saved
+    in checkpoints) makes rollouts reproducible; with `seeds` (one per row, prompt-major) each
+    row draws from its own generator instead (`opdlab.dist.sampling`), so a completion does not
+    depend on its batch or process. Under torchrun every rank steps `generate` together
+    (`synced_gpus`): FSDP all-gathers in every forward. top_k is off and no other logits processor
+    runs, whatever the model folder's generation_config says: on-policy means sampling the
+    model's own distribution (at `temperature`).
+    """
+    from transformers import GenerationConfig
+
+    rows = [list(p) for p in prompt_ids for _ in range(samples)]
+    row_examples = [ex for ex in examples for _ in range(samples)]
+    device = next(model.parameters()).device
+    ids, attn = left_pad(rows, tokenizer.pad_token_id)
+    ids, attn = ids.to(device), attn.to(device)
+    eos = eos_token_ids(model, tokenizer)
+    # The folder's generation_config (top_k, repetition penalty, ...) would be merged into any
+    # config passed to generate, so it is swapped out for the call. top_k=0 turns off the
+    # library's default top-k of 50.
+    processors = None
+    if seeds is not None and not greedy:
+        from transformers import LogitsProcessorList
+
+        from opdlab.dist.sampling import SeededSampling
+
+        processors = LogitsProcessorList([SeededSampling(seeds, temperature, top_p, device)])
+    sample = not greedy and processors is None  # seeded rows sample inside the processor, then argmax
+    gen_cfg = GenerationConfig(
+        do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+        top_k=0 if sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    was_training, saved_cfg = model.training, model.generation_config
+    model.eval()
+    model.generation_config = gen_cfg
+    try:
+        synced = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        out = model.generate(input_ids=ids, attention_mask=attn, logits_processor=processors, synced_gpus=synced)
+    finally:
+        model.generation_config = saved_cfg
+        model.train(was_training)
+    prompt_len = ids.shape[1]
+    completion = out[:, prompt_len:]
+    comp_mask = completion_mask(completion, eos)
+    input_ids = out
+    attention = torch.cat([attn, comp_mask], dim=1)
+    comp_full = torch.cat([torch.zeros_like(attn), comp_mask], dim=1)
+    texts = decode_completions(tokenizer, completion, comp_mask)
+    return Rollout(input_ids, attention, comp_full, prompt_len, texts, row_examples)
+
+
+def decode_completions(tokenizer: Any, completion_ids_BC: Tensor, mask_BC: Tensor) -> list[str]:
+    """Text of each completion: masked tokens only, special tokens (EOS) dropped."""
+    seqs = [row[m.bool()].tolist() for row, m in zip(completion_ids_BC.cpu(), mask_BC.cpu())]
+    return tokenizer.batch_decode(seqs, skip_special_tokens=True)
+
+
+def completion_logits(model: Any, batch: Rollout, vocab_size: int | None = None) -> Tensor:
+    """Logits that predict each completion token, [B, C, V] (V cut to `vocab_size`).
+
+    Position ids follow the attention mask, as in `generate`, so left padding does not shift
+    positions. Only the last C+1 positions go through the LM head (`logits_to_keep`).
+    """
+    ids, attn = batch.input_ids_BT, batch.attention_mask_BT
+    positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    num_completion = ids.shape[1] - batch.prompt_len
+    logits = model(
+        input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=num_completion + 1, use_cache=False
+    ).logits
+    logits = logits[:, :-1]  # the last position predicts beyond the rollout
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]  # a padded teacher vocabulary: compare shared rows only
+    return logits.float()
+
+
+def score(teacher: Any, batch: Rollout, vocab_size: int) -> Tensor:
+    """Teacher logits on exactly the student's tokens, [B, C, V], no autograd history.
+
+    Runs under `torch.inference_mode()`; the result is cloned outside it so the loss may
+    save it for the student's backward pass.
+    """
+    with torch.inference_mode():
+        logits = completion_logits(teacher, batch, vocab_size)
+    return logits.clone()

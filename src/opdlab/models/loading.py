@@ -1,0 +1,139 @@
+"""Load the student (trainable, fp32 master weights), the teacher (frozen) and the tokenizer.
+
+A model argument is whatever a user has: a Hugging Face model folder (`config.json` plus
+`*.safetensors`), or an opdlab run folder, which stands for its `final/` checkpoint. With
+neither student nor teacher given, the built-in zoo pair `cfg.pair` is built (or read from
+the cache). Only safetensors are read: pickle checkpoints can run code.
+
+    models = load_models(ModelConfig())             # the built-in pair
+    models.student.train(); models.teacher          # teacher: eval mode, no gradients
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+
+from opdlab.config import ModelConfig
+from opdlab.errors import UserError
+
+
+@dataclass
+class Models:
+    """What a training run needs from the model side."""
+
+    student: Any  # transformers PreTrainedModel, fp32, train mode
+    teacher: Any  # transformers PreTrainedModel, eval mode, requires_grad False
+    tokenizer: Any  # the student's tokenizer, left padding
+    teacher_tokenizer: Any
+    student_path: Path
+    teacher_path: Path
+    task: str | None  # the zoo pair's default task, None for user models
+
+
+def resolve_model_dir(path: str | Path, role: str) -> Path:
+    """The Hugging Face folder behind `path`: itself, or `final/` of an opdlab run folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--{role} {p}: no such folder; pass a Hugging Face model folder or an opdlab run folder")
+    if not p.is_dir():
+        raise UserError(f"--{role} {p}: not a folder; pass a Hugging Face model folder (config.json + *.safetensors)")
+    if (p / "config.yaml").is_file() and (p / "final").is_dir():
+        p = p / "final"
+    if not (p / "config.json").is_file():
+        raise UserError(f"--{role} {p}: not a model folder (no config.json); pass a Hugging Face model folder or an opdlab run folder")
+    if not any(p.glob("*.safetensors")):
+        if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+            raise UserError(f"--{role} {p}: only pickle weights (*.bin); convert them to safetensors first (pickle can run code)")
+        raise UserError(f"--{role} {p}: no *.safetensors weights in the folder")
+    return p
+
+
+def load_tokenizer(path: Path, role: str, trust_remote_code: bool = False) -> Any:
+    """The folder's tokenizer, set up for batched generation (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
+    try:
+        # Always explicit: left unset, transformers *asks on stdin* whether to run a checkpoint's code.
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--{role} {path}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise UserError(f"--{role} {path}: the tokenizer has neither a pad nor an EOS token; add one to tokenizer_config.json")
+        tok.pad_token = tok.eos_token  # padding is masked out everywhere, so reusing EOS is safe
+    return tok
+
+
+def _load_causal_lm(path: Path, role: str, device: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"--{role} {path}: the model needs its own code; pass --trust-remote-code if you trust it") from None
+        raise UserError(f"--{role} {path}: cannot load as a causal LM ({first})") from None
+    except OSError as exc:
+        raise UserError(f"--{role} {path}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    except SafetensorError as exc:  # truncated or corrupted weights
+        raise UserError(f"--{role} {path}: a *.safetensors file is damaged ({str(exc).splitlines()[0]}); "
+                        "re-download or re-save the model") from None
+    try:
+        return model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UserError(f"model.device '{device}': not usable here ({str(exc).splitlines()[0]})") from None
+
+
+def load_student(path: Path, device: str = "cpu", trust_remote_code: bool = False) -> Any:
+    """The student in fp32 (master weights, whatever the storage dtype), in train mode.
+
+    Dropout is switched off through the config where the model has it: OPD compares the
+    student's distribution with the teacher's, and dropout noise would bias that signal.
+    """
+    model = _load_causal_lm(path, "student", device, trust_remote_code)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.requires_grad_(True)
+    return model
+
+
+def load_teacher(path: Path, device: str = "cpu", trust_remote_code: bool = False) -> Any:
+    """The teacher: frozen (`requires_grad_(False)`), in eval mode."""
+    model = _load_causal_lm(path, "teacher", device, trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def model_paths(cfg: ModelConfig) -> tuple[Path, Path, str | None]:
+    """(student folder, teacher folder, default task): the given folders or the zoo pair."""
+    if cfg.student is None and cfg.teacher is None:
+        from opdlab.models.zoo import build_pair
+
+        pair = build_pair(cfg.pair)
+        return Path(pair.student), Path(pair.teacher), pair.task
+    if cfg.student is None or cfg.teacher is None:
+        missing = "--student" if cfg.student is None else "--teacher"
+        raise UserError(f"{missing} is missing: give both --student and --teacher, or neither for the built-in pair '{cfg.pair}'")
+    return resolve_model_dir(cfg.student, "student"), resolve_model_dir(cfg.teacher, "teacher"), None
+
+
+def load_models(cfg: ModelConfig) -> Models:
+    """Load student, teacher and both tokenizers as `cfg` asks (see module docs)."""
+    student_path, teacher_path, task = model_paths(cfg)
+    tokenizer = load_tokenizer(student_path, "student", cfg.trust_remote_code)
+    teacher_tokenizer = load_tokenizer(teacher_path, "teacher", cfg.trust_remote_code)
+    student = load_student(student_path, cfg.device, cfg.trust_remote_code)
+    teacher = load_teacher(teacher_path, cfg.device, cfg.trust_remote_code)
+    return Models(student, teacher, tokenizer, teacher_tokenizer, student_path, teacher_path, task)

@@ -1,0 +1,58 @@
+"""`opdlab distill`: train a student by on-policy distillation (or the sft / rl baselines).
+
+    opdlab distill --out runs/opd                               # the built-in pair, method opd
+    opdlab distill --method sft --steps 50 --out runs/sft
+    opdlab distill --student S --teacher T --prompts p.jsonl --out runs/mine
+    opdlab distill --resume runs/opd                            # continue from the newest checkpoint
+
+Returns the run folder (config.yaml, metrics.jsonl, checkpoints/, final/); see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opdlab.config import DistillConfig
+from opdlab.dist.runtime import init_from_env
+from opdlab.distill.checkpoint import list_checkpoints
+from opdlab.distill.train import train
+from opdlab.errors import UserError
+from opdlab.fileio import prepare_out_dir, remove_stale_temporaries
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and advice; our own bar shows progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def distill(cfg: DistillConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train as `cfg` says into `cfg.out`, or continue the run in `resume`; return the run folder."""
+    _quiet_transformers()
+    ctx = init_from_env(cfg.model.device)  # under torchrun rank 0 prepares the folder, the others wait
+    if resume is None:
+        return train(cfg, ctx.run_on_main(lambda: prepare_out_dir(cfg.out, overwrite)), progress=progress)
+
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not an opdlab run folder (no config.yaml)")
+    if Path(cfg.out).resolve() != run_dir.resolve():
+        raise UserError(f"--resume {run_dir} continues in its own folder; drop --out {cfg.out} (or copy the run first)")
+    info_file = run_dir / "run.json"
+    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    if info.get("status") == "finished" and int(info.get("step", 0)) >= cfg.run.steps and (run_dir / "final").is_dir():
+        return run_dir  # nothing left to do; raise --steps to train further
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UserError(f"--resume {run_dir}: no complete checkpoint to continue from; start again with --overwrite")
+    step, folder = checkpoints[-1]
+    if ctx.is_main:
+        for where in (run_dir, run_dir / "checkpoints"):  # half-written or half-deleted leftovers of a killed run
+            remove_stale_temporaries(where)
+    ctx.barrier()
+    if step > cfg.run.steps:
+        raise UserError(f"--resume {run_dir}: the newest checkpoint is step {step}, beyond --steps {cfg.run.steps}")
+    return train(cfg, run_dir, resume_from=folder, progress=progress)
