@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from opdlab import __version__
-from opdlab.errors import UserError
+from opdlab.errors import UserError, environment_error
 
 # command -> (module, function). tests/unit/test_cli.py keeps this in sync with the parser.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty run folder")
     p.add_argument("--trust-remote-code", action="store_true", default=None, help="allow model code from checkpoints to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. --set rollout.temperature=0.7")
+    p.add_argument("--nproc", type=int, default=None, metavar="N", help="train on N local processes (re-launches under torchrun, FSDP2)")
 
     for name, help_text, positionals in (
         ("analyze", "how TUNED differs from BASE", ["base", "tuned"]),
@@ -138,7 +139,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.temperature=0.7")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set '{key}=\"...\"'") from None
     return out
 
 
@@ -162,6 +166,8 @@ def to_config(args: argparse.Namespace) -> Any:
         config_file = args.config
         if args.resume and config_file is None:
             config_file = str(Path(args.resume) / "config.yaml")
+            if not Path(config_file).is_file():
+                raise UserError(f"--resume {args.resume}: not an opdlab run folder (no config.yaml)")
             if args.out is None:
                 overrides["out"] = args.resume
         return C.load_config(C.DistillConfig, config_file, overrides)
@@ -194,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "distill" and args.nproc is not None and args.nproc > 1:
+            from opdlab.dist.launch import relaunch
+
+            return relaunch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         cfg = to_config(args)
         extra: dict[str, Any] = {}
         if args.command == "distill":
@@ -204,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opdlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"opdlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # a full disk or a forbidden folder is one line too; other OSErrors are bugs
+        if args.debug or environment_error(exc) is None:
+            raise
+        print(f"opdlab {args.command}: error: {environment_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # guards.Interrupted says where the checkpoint is and how to resume
+        print(f"opdlab {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     if result is not None:
         print(result)
     return 0

@@ -60,6 +60,22 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers left in `folder`: hidden `.NAME.tmp-*` entries; return them.
+
+    Only safe while no other process writes into `folder` (opdlab calls it when a run resumes).
+    """
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name] if folder.is_dir() else []
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return stale
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` atomically and return the path."""
     with atomic_path(path) as tmp:

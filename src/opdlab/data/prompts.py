@@ -97,7 +97,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the prompts file as UTF-8") from None
-    lines = text.rstrip().splitlines()
+    # Split on \n only: str.splitlines also cuts at U+2028, U+0085 ..., which JSON strings may hold raw.
+    lines = text.rstrip().split("\n") if text.strip() else []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             raise UserError(f"{path}: line {number}: empty line; remove blank lines between records")

@@ -237,7 +237,9 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
         reference = load_teacher(models.student_path, cfg.model.device, cfg.model.trust_remote_code)
     student = shard_model(ctx, student)  # FSDP2 under torchrun; unchanged at world size 1
     teacher = shard_model(ctx, teacher) if cfg.model.shard_teacher else teacher
-    engine = VLLMRollout(models.student_path, cfg.model.device, seed=cfg.run.seed) if cfg.rollout.backend == "vllm" else None
+    engine = None  # rollout.backend vllm: the student's samples come from a vLLM copy (opdlab.dist.vllm_backend)
+    if cfg.rollout.backend == "vllm":
+        engine = VLLMRollout(models.student_path, cfg.model.device, seed=cfg.run.seed)
     named = list(student.named_parameters())
     masks = None
     if cfg.optim.mask is not None:
