@@ -123,8 +123,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+OUTPUT_MARKER = ".opdlab-output"  # written into every folder opdlab creates for --out
+
+
 def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the output folder; refuse a non-empty one unless `overwrite`."""
+    """Create the output folder; refuse a non-empty one unless `overwrite`.
+
+    `--overwrite` only ever deletes a folder opdlab made itself (it holds `OUTPUT_MARKER`), so
+    a mistyped `--out ~ --overwrite` cannot delete a user's files.
+    """
     from opdlab.errors import UserError
 
     out = Path(out)
@@ -133,12 +140,13 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: folder exists and is not empty; pass --overwrite or choose another --out")
+        if not (out / OUTPUT_MARKER).is_file():
+            raise UserError(f"{out}: --overwrite only replaces folders opdlab wrote, and this one holds other files; "
+                            "remove it yourself or choose another --out")
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        (out / OUTPUT_MARKER).write_text("written by opdlab; --overwrite may replace this folder\n")
     except OSError as exc:
         raise UserError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
     return out

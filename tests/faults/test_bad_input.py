@@ -231,9 +231,15 @@ def test_existing_output_is_refused_unless_overwrite(pair, tmp_path, capsys):
     mask_out.write_text("mine")
     assert "--overwrite" in cli_error(["mask", str(pair[0]), str(pair[0]), "--out", str(mask_out)], capsys)
     assert mask_out.read_text() == "mine"
-    # With --overwrite the command runs and replaces it.
-    assert main(["analyze", str(pair[0]), str(pair[0]), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "analysis.json").is_file() and not (out / "keep.txt").exists()
+    # --overwrite does not delete a folder opdlab did not write ...
+    assert "only replaces folders opdlab wrote" in cli_error(
+        ["analyze", str(pair[0]), str(pair[0]), "--out", str(out), "--overwrite"], capsys)
+    assert (out / "keep.txt").read_text() == "mine"
+    # ... but replaces one it wrote.
+    assert main(["analyze", str(pair[0]), str(pair[0]), "--out", str(tmp_path / "a")]) == 0
+    (tmp_path / "a" / "extra.txt").write_text("x")
+    assert main(["analyze", str(pair[0]), str(pair[0]), "--out", str(tmp_path / "a"), "--overwrite"]) == 0
+    assert (tmp_path / "a" / "analysis.json").is_file() and not (tmp_path / "a" / "extra.txt").exists()
 
 
 def test_output_that_cannot_be_written(pair, tmp_path, capsys):

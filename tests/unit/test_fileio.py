@@ -53,10 +53,18 @@ def test_jsonl_ignores_a_torn_last_line(tmp_path):
 
 
 def test_prepare_out_dir_refuses_non_empty_without_overwrite(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    out = fileio.prepare_out_dir(tmp_path / "out", overwrite=False)
+    (out / "result.txt").write_text("x")
     with pytest.raises(UserError, match="--overwrite"):
         fileio.prepare_out_dir(out, overwrite=False)
     assert fileio.prepare_out_dir(out, overwrite=True) == out
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [fileio.OUTPUT_MARKER]
+
+
+def test_overwrite_never_deletes_a_folder_opdlab_did_not_write(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="only replaces folders opdlab wrote"):
+        fileio.prepare_out_dir(home, overwrite=True)
+    assert (home / "thesis.tex").read_text() == "years of work"

@@ -244,9 +244,12 @@ def opd_loss(
         raise ValueError(f"opd_loss: unknown kind {kind!r}; expected one of {', '.join(LOSS_KINDS)}")
     loss = token_mean(per_token, mask_BT, num_tokens)
     with torch.no_grad():
+        # For kind reverse_kl the statistic is the loss's own per-token values: reuse them rather than
+        # run a second pass over [B, T, V] (same function, same inputs: bit-identical).
+        rkl = per_token.detach() if kind == "reverse_kl" else reverse_kl(logp_s, logp_t, mask_BT)
         stats = {
             "loss": loss.detach(),
-            "reverse_kl": token_mean(reverse_kl(logp_s, logp_t, mask_BT), mask_BT, num_tokens),
+            "reverse_kl": token_mean(rkl, mask_BT, num_tokens),
         }
     return loss, stats
 

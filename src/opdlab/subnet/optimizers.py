@@ -37,6 +37,15 @@ if TYPE_CHECKING:
 _INT32_LIMIT = 2**31
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's shard of a DTensor (FSDP2 parameter, gradient or mask); a plain tensor as is.
+
+    Under FSDP2 masks are sharded like their parameters, so indices, state and updates all
+    refer to local coordinates, and the in-place writes go straight into the local shard.
+    """
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def build_optimizer(
     named_params: list[tuple[str, torch.nn.Parameter]],
     cfg: "OptimConfig",
@@ -105,12 +114,22 @@ class _MaskedBase(torch.optim.Optimizer):
         for i, (p, m) in enumerate(zip(params, masks)):
             if m.dtype != torch.bool or tuple(m.shape) != tuple(p.shape):
                 raise ValueError(f"mask {i} must be bool of shape {tuple(p.shape)}; got {m.dtype} {tuple(m.shape)}")
-            if not p.is_contiguous():
+            p_local, m = _local(p), _local(m)
+            if tuple(m.shape) != tuple(p_local.shape):
+                raise ValueError(f"mask {i} is not sharded like its parameter: {tuple(m.shape)} vs {tuple(p_local.shape)}")
+            if not p_local.is_contiguous():
                 raise ValueError(f"parameter {i} is not contiguous; masked updates write through a flat view")
-            idx = mask_to_index(m.to(p.device))
+            idx = mask_to_index(m.to(p_local.device))
             self._index[p] = idx
-            self._nnz[p] = p.numel() if idx is None else idx.numel()
+            self._nnz[p] = p_local.numel() if idx is None else idx.numel()
             self._sum[p] = _checksum(idx)
+
+    def mask_info(self, p: torch.nn.Parameter) -> tuple[torch.Tensor | None, int, int]:
+        """(flat indices into p's local shard, or None when all are masked; nnz; index checksum).
+
+        How p's compact state vectors are laid out: for checkpoint formats that expand them.
+        """
+        return self._index[p], self._nnz[p], self._sum[p]
 
     def index_bytes(self) -> int:
         """Bytes held by the mask indices (part of this optimizer's memory, not of its state_dict)."""
@@ -129,6 +148,7 @@ class _MaskedBase(torch.optim.Optimizer):
     @staticmethod
     def _gather(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """t's masked coordinates as a fresh (nnz,) vector (a flat view of a contiguous t when idx is None)."""
+        t = _local(t)
         return t.reshape(-1) if idx is None else t.reshape(-1).index_select(0, idx)
 
     @staticmethod
@@ -139,11 +159,12 @@ class _MaskedBase(torch.optim.Optimizer):
         still ~1.5x faster on CPU than `index_put_` with the stored int32 indices.
         """
         if idx is not None:
-            p.view(-1).scatter_(0, idx.long(), values)
+            _local(p).view(-1).scatter_(0, idx.long(), values)
 
     @staticmethod
     def _add(p: torch.Tensor, idx: torch.Tensor | None, update: torch.Tensor, alpha: float = 1.0) -> None:
         """p[masked] += alpha * update, touching nothing else (one pass instead of gather + scatter)."""
+        p = _local(p)
         if idx is None:
             p.view(-1).add_(update, alpha=alpha)
         else:
