@@ -216,6 +216,7 @@ def test_bad_config_is_one_line(pair, tmp_path, capsys, flags, words):
 def test_refuses_non_empty_out_without_overwrite(pair, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(pair, out, steps=1) == 0
+    capsys.readouterr()  # the first run's progress bar
     assert run(pair, out, steps=1) == 2
     assert "--overwrite" in _one_error_line(capsys)
     assert run(pair, out, "--overwrite", steps=1) == 0
