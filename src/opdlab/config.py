@@ -44,7 +44,7 @@ class ModelConfig:
 
     student: str | None = None
     teacher: str | None = None
-    pair: str = "arith-tiny"
+    pair: str = "sort-tiny"
     device: str = "cpu"
     trust_remote_code: bool = False
     shard_teacher: bool = False

@@ -127,7 +127,7 @@ def demo(cfg: DemoConfig) -> Path:
     manifest = Manifest(out, cfg.preset, cfg.resume)
     print(f"opdlab demo ({cfg.preset}) -> {out}", flush=True)
 
-    pair = build_pair("arith-tiny")  # cached after the first build
+    pair = build_pair("sort-tiny")  # cached after the first build
     source = Path(pair.student)
     base = base_config(preset, out / "runs" / "opd")
 
