@@ -87,10 +87,17 @@ PAIRS: dict[str, PairSpec] = {
         warmup_steps=50, weight_decay=0.01, train_pool=60_000, num_eval=200, eval_every=25, fine_eval_every=5,
         student_min_accuracy=0.25, teacher_min_accuracy=0.85, max_steps=3000, threads=1,
     ),
+    # The same recipe with 2-digit reversed addition as the distillation task: the student is
+    # the run's first checkpoint at >= 10 % (shipped: 15 % at step 805), the teacher the first
+    # at >= 90 % (step 1100).
     "arith-tiny": PairSpec(
         name="arith-tiny",
-        description="1 M-param Llama pair on 2-digit reversed addition; student >= 10 %, teacher >= 90 %",
+        description="1 M-param Llama pair on 2-digit reversed addition (4-task mix); student ~13 %, teacher ~90 %",
         task="addition",
+        train_mix=(("addition", 0.55), ("addition3", 0.15), ("sort", 0.15), ("reverse", 0.15)),
+        seed=0, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, batch_size=64, lr=2e-3,
+        warmup_steps=50, weight_decay=0.01, train_pool=60_000, num_eval=200, eval_every=25, fine_eval_every=5,
+        student_min_accuracy=0.10, teacher_min_accuracy=0.90, max_steps=4000, threads=1,
     ),
 }
 
