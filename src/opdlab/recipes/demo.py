@@ -58,11 +58,11 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(steps=30, lr=3e-4, prompts_per_step=16, samples_per_prompt=4, num_eval=128,
-                    sweep_lrs=[1e-6, 1e-4, 3e-4], sgd_lrs=[0.03, 0.3, 3.0]),
-    "default": Preset(steps=60, lr=3e-4, prompts_per_step=16, samples_per_prompt=4, num_eval=200,
-                      sweep_lrs=[1e-6, 1e-5, 1e-4, 3e-4, 1e-3], sgd_lrs=[0.03, 0.3, 3.0], seeds=2, eval_every=20),
-    "full": Preset(steps=300, lr=1e-4, prompts_per_step=32, samples_per_prompt=4, num_eval=500,
-                   sweep_lrs=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3], sgd_lrs=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                    sweep_lrs=[1e-6, 1e-4, 3e-4], sgd_lrs=[0.01, 0.03, 0.1]),
+    "default": Preset(steps=60, lr=1e-4, prompts_per_step=16, samples_per_prompt=4, num_eval=200,
+                      sweep_lrs=[1e-6, 1e-5, 1e-4, 1e-3], sgd_lrs=[0.01, 0.03, 0.1], seeds=2, eval_every=20),
+    "full": Preset(steps=300, lr=3e-5, prompts_per_step=32, samples_per_prompt=4, num_eval=500,
+                   sweep_lrs=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3], sgd_lrs=[0.003, 0.01, 0.03, 0.1, 0.3],
                    seeds=3, eval_every=50),
 }
 
