@@ -137,7 +137,7 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != OUTPUT_MARKER for p in out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: folder exists and is not empty; pass --overwrite or choose another --out")
         if not (out / OUTPUT_MARKER).is_file():

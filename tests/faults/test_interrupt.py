@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from opdlab.cli import main
 from opdlab.distill.checkpoint import list_checkpoints
+from opdlab.fileio import OUTPUT_MARKER
 
 STEPS = 24
 # Every step checkpoints (keep 2), so kills land in checkpoint writes and pruning often.
@@ -100,7 +101,8 @@ def assert_finished_like(run: Path, reference: Path, context: str) -> None:
     text = (run / "metrics.jsonl").read_text()
     assert text.endswith("\n"), f"{context}: metrics.jsonl ends in a torn line"
     assert [json.loads(line)["step"] for line in text.splitlines()] == list(range(STEPS + 1)), context
-    leftovers = [p for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
+    leftovers = [p for p in [*run.iterdir(), *(run / "checkpoints").iterdir()]
+                 if p.name.startswith(".") and p.name != OUTPUT_MARKER]
     assert not leftovers, f"{context}: temporaries left after resume: {leftovers}"
 
 
