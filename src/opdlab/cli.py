@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="demo folder (default: opdlab-demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty demo folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished stages")
+    p.add_argument("--vlm", action="store_true", default=None, help="run the study on the built-in vision-language pair")
 
     p = sub.add_parser("distill", help="train: method opd | sft | rl")
     p.add_argument("--config", default=None, help="YAML config file (flags override it)")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="subnetwork mask (.safetensors): train only these coordinates")
     p.add_argument("--student", default=None, help="student model folder (default: the built-in pair)")
     p.add_argument("--teacher", default=None, help="teacher model folder (default: the built-in pair)")
+    p.add_argument("--pair", default=None, help="built-in pair when no --student/--teacher (see `opdlab zoo list`)")
     p.add_argument("--prompts", default=None, help="prompts file (.jsonl / .parquet) or datasets folder")
     p.add_argument("--task", default=None, help="built-in task for generated prompts and accuracy")
     p.add_argument("--save-dtype", choices=["bf16", "fp32", "both"], default=None, help="checkpoint storage dtype")
@@ -153,14 +155,15 @@ def to_config(args: argparse.Namespace) -> Any:
     cmd = args.command
     if cmd == "demo":
         return C.load_config(C.DemoConfig, None, {"preset": args.preset, "out": args.out,
-                                                  "overwrite": args.overwrite, "resume": args.resume})
+                                                  "overwrite": args.overwrite, "resume": args.resume,
+                                                  "vlm": args.vlm})
     if cmd == "distill":
         overrides = {
             "method": args.method, "loss.loss": args.loss, "optim.optimizer": args.optimizer, "optim.lr": args.lr,
             "run.steps": args.steps, "optim.mask": args.mask, "model.student": args.student,
             "model.teacher": args.teacher, "data.prompts": args.prompts, "data.task": args.task,
             "run.save_dtype": args.save_dtype, "run.seed": args.seed, "model.device": args.device, "out": args.out,
-            "model.trust_remote_code": args.trust_remote_code,
+            "model.trust_remote_code": args.trust_remote_code, "model.pair": args.pair,
         }
         overrides.update(parse_set(args.set))
         config_file = args.config

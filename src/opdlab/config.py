@@ -36,7 +36,7 @@ class ModelConfig:
     Fields:
       student: student source model (HF folder, .safetensors-bearing folder, or opdlab run); empty = the built-in pair's student.
       teacher: teacher model (HF folder); empty = the built-in pair's teacher.
-      pair: built-in zoo pair used when student/teacher are not given.
+      pair: built-in zoo pair used when student/teacher are not given (a VLM pair such as shapes-vlm-tiny works too).
       device: torch device for training ("cpu", "cuda", "cuda:1").
       trust_remote_code: allow model code shipped with a checkpoint to run (off unless you ask).
       shard_teacher: under torchrun, shard the teacher with FSDP2 too (forward only) instead of a full copy per process.
@@ -342,12 +342,14 @@ class DemoConfig:
       out: demo folder.
       overwrite: replace a non-empty demo folder.
       resume: continue an interrupted demo in `out`, skipping finished stages.
+      vlm: run the study on the built-in vision-language pair (shapes-vlm-tiny) instead.
     """
 
     preset: Literal["quick", "default", "full"] = "default"
     out: str = "opdlab-demo"
     overwrite: bool = False
     resume: bool = False
+    vlm: bool = False
 
 
 @dataclass

@@ -20,8 +20,10 @@ from typing import Any, Sequence
 import torch
 
 from opdlab.data.tasks import get_task
+from opdlab.data.visual_tasks import get_visual_task, visual_task_names
 from opdlab.distill.losses import log_softmax_chunked, reverse_kl
 from opdlab.distill.rollout import Rollout, completion_logits, roll_out, score
+from opdlab.distill.vlm import VisualRollout, roll_out_visual, rollout_logits, score_visual
 
 
 def has_answers(examples: Sequence[Any]) -> bool:
@@ -31,6 +33,8 @@ def has_answers(examples: Sequence[Any]) -> bool:
 
 def is_correct(completion: str, example: Any) -> bool:
     """The example's task checker; exact match (whitespace stripped) for records without a task."""
+    if example.task in visual_task_names():
+        return bool(get_visual_task(example.task).is_correct(completion, example))
     if example.task:
         return bool(get_task(example.task).is_correct(completion, example))
     return completion.strip() == example.answer.strip()
@@ -78,7 +82,53 @@ def evaluate(
                 kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
         finally:
             student.train(was_training)
-    row: dict[str, float] = {"eval/reverse_kl": kl_sum / max(kl_tokens, 1)}
+    return accuracy_row(completions, examples, kl_sum / max(kl_tokens, 1))
+
+
+@torch.no_grad()
+def mean_reverse_kl_visual(student: Any, teacher: Any, batch: VisualRollout, vocab_size: int, chunk: int) -> tuple[float, int]:
+    """`mean_reverse_kl` for a VLM batch: each model through its own processor's prompt inputs."""
+    mask = batch.mask_BC
+    logp_s = log_softmax_chunked(rollout_logits(student, batch, "student", vocab_size), chunk, mask)
+    logp_t = log_softmax_chunked(score_visual(teacher, batch, vocab_size), chunk, mask)
+    return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
+
+
+def evaluate_visual(
+    student: Any,
+    teacher: Any,
+    processors: dict[str, Any],
+    examples: Sequence[Any],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    vocab_size: int,
+    chunk: int,
+) -> dict[str, float]:
+    """`evaluate` for VLM pairs: greedy visual answers, accuracy and reverse KL, same keys.
+
+    `processors` maps "student" and "teacher" to each model's own processor (docs/vlm.md).
+    """
+    with torch.random.fork_rng(devices=[]):
+        was_training = student.training
+        student.eval()
+        try:
+            completions: list[str] = []
+            kl_sum, kl_tokens = 0.0, 0
+            for start in range(0, len(examples), batch_size):
+                batch = roll_out_visual(student, processors, examples[start:start + batch_size],
+                                        samples=1, max_new_tokens=max_new_tokens, greedy=True)
+                completions.extend(batch.completions)
+                s, n = mean_reverse_kl_visual(student, teacher, batch, vocab_size, chunk)
+                kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
+        finally:
+            student.train(was_training)
+    return accuracy_row(completions, examples, kl_sum / max(kl_tokens, 1))
+
+
+def accuracy_row(completions: Sequence[str], examples: Sequence[Any], reverse_kl_per_token: float) -> dict[str, float]:
+    """The evaluation row: reverse KL, and accuracy (overall and per task) when examples carry answers."""
+    row: dict[str, float] = {"eval/reverse_kl": reverse_kl_per_token}
     if has_answers(examples):
         correct = rollout_correct(completions, examples)
         row["eval/accuracy"] = float(correct.mean())

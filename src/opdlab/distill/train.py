@@ -16,6 +16,10 @@ Where this loop deviates from common recipes, and why:
    (TRL #4719): gradient accumulation gives exactly the one-big-batch gradient.
 3. Training prompts of step s are a pure function of (seed, s), so a resumed run needs no
    data iterator state and sees exactly the prompts the uninterrupted run would have.
+
+Vision-language pairs (`models.vlm`, docs/vlm.md) run the same loop: rollouts come from
+`roll_out_visual` (each model's own processor), the teacher scores with `score_visual` and the
+student's logits come from `rollout_logits`; only the batch type differs.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import torch
 from opdlab.config import DistillConfig, to_yaml
 from opdlab.data.prompts import check_prompt_lengths, read_prompts
 from opdlab.data.tasks import Example, get_task
+from opdlab.data.visual_tasks import get_visual_task, visual_task_names
 from opdlab.dist import checkpoint as dist_ckpt
 from opdlab.dist.fsdp import shard_masks, shard_model
 from opdlab.dist.runtime import NullLog, check_divisible, init_from_env, scalar
 from opdlab.dist.sampling import row_seeds
 from opdlab.dist.vllm_backend import VLLMRollout, require_vllm
 from opdlab.distill import checkpoint as ckpt
-from opdlab.distill.evaluate import evaluate, has_answers, rollout_correct
+from opdlab.distill.evaluate import evaluate, evaluate_visual, has_answers, rollout_correct
 from opdlab.distill.guards import StopRequest, skip_nonfinite
 from opdlab.distill.logging import MetricsLog, require_tensorboard, truncate_metrics
 from opdlab.distill.losses import (
@@ -46,6 +51,7 @@ from opdlab.distill.losses import (
     sampled_token_logprobs, sft_loss, token_mean,
 )
 from opdlab.distill.rollout import Rollout, completion_logits, render_prompts, roll_out, score
+from opdlab.distill.vlm import VisualRollout, encode_visual_prompts, roll_out_visual, rollout_logits, score_visual
 from opdlab.errors import UserError
 from opdlab.fileio import write_text
 from opdlab.models.compat import check_tokenizers
@@ -59,6 +65,13 @@ EVAL_SEED = 1
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def task_examples(name: str, n: int, seed: int, split: str) -> list[Any]:
+    """`n` examples of the built-in task `name`: a text task, or a visual one (`shapes*`, with images)."""
+    if name in visual_task_names():
+        return get_visual_task(name).examples(n, seed=seed, split=split)  # type: ignore[arg-type]  # split checked there
+    return get_task(name).examples(n, seed=seed, split=split)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -77,7 +90,7 @@ class PromptSource:
     def step_examples(self, step: int, n: int, seed: int) -> list[Example]:
         """The `n` training examples of `step` (a pure function of seed and step)."""
         if self.pool is None:
-            return get_task(self.task or "").examples(n, seed=seed * 1_000_003 + step, split="train")
+            return task_examples(self.task or "", n, seed=seed * 1_000_003 + step, split="train")
         # Concatenated seeded permutations of the pool, one per epoch; step s takes items [(s-1)n, sn).
         orders: dict[int, list[int]] = {}
         out: list[Example] = []
@@ -106,7 +119,7 @@ def prompt_source(cfg: DistillConfig, default_task: str | None) -> PromptSource:
     if data.prompts is None:
         if task is None:
             raise UserError("no prompts: pass --prompts FILE.jsonl (or --task NAME for a built-in task)")
-        evals = get_task(task).examples(data.num_eval, seed=EVAL_SEED, split="eval")
+        evals = task_examples(task, data.num_eval, seed=EVAL_SEED, split="eval")
         return PromptSource(task, None, evals, [(evals, f"task {task}")])
     pool = _read_file(data.prompts, cfg)
     checks = [(pool, data.prompts)]
@@ -123,13 +136,53 @@ def prompt_source(cfg: DistillConfig, default_task: str | None) -> PromptSource:
 
 def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
     """Checks before step 1: tokenizers agree, prompts fit, rl has answers to reward."""
-    check_tokenizers(models.tokenizer, models.teacher_tokenizer, models.student.config.vocab_size,
-                     models.teacher.config.vocab_size, str(models.student_path), str(models.teacher_path))
+    # A VLM pair's `tokenizer`s are processors: compare the tokenizers inside them.
+    student_tok, teacher_tok = (getattr(t, "tokenizer", t) if models.vlm else t
+                                for t in (models.tokenizer, models.teacher_tokenizer))
+    check_tokenizers(student_tok, teacher_tok, vocab_size(models.student), vocab_size(models.teacher),
+                     str(models.student_path), str(models.teacher_path))
+    if models.vlm:
+        if cfg.data.prompts is not None:
+            raise UserError(f"{cfg.data.prompts}: prompts files are not supported for VLM pairs yet; "
+                            "use a built-in visual task (--task shapes-count)")
+        if not source.task or source.task not in visual_task_names():
+            raise UserError(f"task {source.task!r}: a VLM pair needs a visual task ({', '.join(visual_task_names())})")
+        if cfg.rollout.backend != "hf":
+            raise UserError("rollout.backend vllm: not supported for VLM pairs; use rollout.backend=hf")
+        return  # image tokens are not in a text-only length check; built-in prompts are short
     for examples, where in source.checks:
         check_prompt_lengths(examples, models.tokenizer, cfg.data.max_prompt_tokens, where)
     if cfg.method == "rl" and not has_answers(source.eval_examples + (source.pool or [])):
         raise UserError(f"{cfg.data.prompts}: method rl needs a reward: every record needs the answer field "
                         f"'{cfg.data.answer_field}'")
+
+
+def vocab_size(model: Any) -> int:
+    """Vocabulary rows of a model's language head (a VLM keeps them in its text config)."""
+    return int(model.config.get_text_config().vocab_size)
+
+
+def roll_out_batch(
+    cfg: DistillConfig, models: Models, writer: Any, examples: list[Any], seeds: list[int] | None,
+    sample: Callable[..., Rollout] = roll_out,
+) -> Rollout | VisualRollout:
+    """The step's rollout batch, written by `writer` (the student, or the teacher for sft)."""
+    r = cfg.rollout
+    if not models.vlm:
+        tok = models.tokenizer
+        return sample(writer, tok, render_prompts(tok, [ex.prompt for ex in examples]), examples,
+                      samples=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                      temperature=r.temperature, top_p=r.top_p, seeds=seeds)
+    processors = {"student": models.tokenizer, "teacher": models.teacher_tokenizer}
+    kwargs = dict(samples=r.samples_per_prompt, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p)
+    if cfg.method != "sft":
+        return roll_out_visual(writer, processors, examples, **kwargs)  # draws from torch's global (checkpointed) RNG
+    # sft: the teacher writes through its own prompt inputs; the student then reads the same tokens through its own.
+    batch = roll_out_visual(writer, {"student": processors["teacher"]}, examples, **kwargs)
+    device = next(models.student.parameters()).device
+    own = encode_visual_prompts(processors["student"], examples, r.samples_per_prompt).to(device)
+    batch.prompts = {"student": own, "teacher": batch.prompts["student"]}
+    return batch
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -183,7 +236,7 @@ def micro_batch_loss(
 
 
 def accumulate_gradients(
-    cfg: DistillConfig, student: Any, teacher: Any, reference: Any, batch: Rollout,
+    cfg: DistillConfig, student: Any, teacher: Any, reference: Any, batch: Rollout | VisualRollout,
     advantages: torch.Tensor | None, vocab: int, num_tokens: int | None = None,
 ) -> tuple[float, float, float, float]:
     """Backward every micro-batch of the step; return (loss, reverse KL, score seconds, update seconds).
@@ -198,10 +251,17 @@ def accumulate_gradients(
     for start in range(0, len(batch.examples), size):
         t0 = time.perf_counter()
         mb = batch.rows(start, start + size)
-        teacher_logits = score(teacher, mb, vocab)
-        reference_logits = score(reference, mb, vocab) if reference is not None else None
+        if isinstance(mb, VisualRollout):  # each model through its own processor's prompt inputs
+            teacher_logits = score_visual(teacher, mb, vocab)
+            reference_logits = score_visual(reference, mb, vocab, role="student") if reference is not None else None
+        else:
+            teacher_logits = score(teacher, mb, vocab)
+            reference_logits = score(reference, mb, vocab) if reference is not None else None
         t1 = time.perf_counter()
-        student_logits = completion_logits(student, mb, vocab)  # the one student forward of this micro-batch
+        if isinstance(mb, VisualRollout):
+            student_logits = rollout_logits(student, mb, "student", vocab)
+        else:
+            student_logits = completion_logits(student, mb, vocab)  # the one student forward of this micro-batch
         mb_adv = advantages[start:start + size].to(student_logits.device) if advantages is not None else None
         loss, kl = micro_batch_loss(cfg, student_logits, teacher_logits, mb, num_tokens, mb_adv, reference_logits)
         loss.backward()
@@ -231,7 +291,7 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
     student, teacher, tok = models.student, models.teacher, models.tokenizer
     source = prompt_source(cfg, models.task)
     preflight(cfg, models, source)
-    vocab = student.config.vocab_size
+    vocab = vocab_size(student)
     reference = None
     if cfg.method == "rl" and cfg.loss.rl_kl_coef > 0:
         reference = load_teacher(models.student_path, cfg.model.device, cfg.model.trust_remote_code)
@@ -247,9 +307,14 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
     optimizer = build_optimizer(named, cfg.optim, masks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.run.steps))
-    eval_prompt_ids = render_prompts(tok, [ex.prompt for ex in source.eval_examples])
     eval_kwargs = dict(max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.micro_batch,
                        vocab_size=vocab, chunk=cfg.loss.vocab_chunk)
+    if models.vlm:
+        processors = {"student": tok, "teacher": models.teacher_tokenizer}
+        run_eval = lambda: evaluate_visual(student, teacher, processors, source.eval_examples, **eval_kwargs)  # noqa: E731
+    else:
+        eval_prompt_ids = render_prompts(tok, [ex.prompt for ex in source.eval_examples])
+        run_eval = lambda: evaluate(student, teacher, tok, source.eval_examples, eval_prompt_ids, **eval_kwargs)  # noqa: E731
 
     first_step = 0
     if resume_from is not None:
@@ -266,7 +331,7 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
     stop = StopRequest.install()  # SIGINT/SIGTERM: finish this step, checkpoint it, exit (guards.py)
     try:
         if first_step == 0:
-            log.write({"step": 0, **evaluate(student, teacher, tok, source.eval_examples, eval_prompt_ids, **eval_kwargs)})
+            log.write({"step": 0, **run_eval()})
 
         for step in range(first_step + 1, cfg.run.steps + 1):
             # ---- roll out: the student samples (opd, rl), or the teacher does (sft)
@@ -275,10 +340,8 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
             first, examples = ctx.shard(examples)  # this process's share; seeds follow the global index
             writer = teacher if cfg.method == "sft" else student
             sample = engine.roll_out if engine is not None and writer is student else roll_out  # vllm: fresh weights
-            batch = sample(writer, tok, render_prompts(tok, [ex.prompt for ex in examples]), examples,
-                             samples=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                             seeds=row_seeds(cfg.run.seed, step, first, len(examples), cfg.rollout.samples_per_prompt))
+            batch = roll_out_batch(cfg, models, writer, examples,
+                                   row_seeds(cfg.run.seed, step, first, len(examples), cfg.rollout.samples_per_prompt), sample)
             num_tokens = int(ctx.all_sum(int(batch.completion_mask_BT.sum()))[0])  # the whole step's tokens
             reward = rollout_correct(batch.completions, batch.examples) if has_answers(batch.examples) else None
             advantages = group_advantages(reward, cfg.rollout.samples_per_prompt) if cfg.method == "rl" else None
@@ -314,7 +377,7 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
                 "train/skipped_nonfinite": 1 if skipped else None,
             }
             if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-                row.update(evaluate(student, teacher, tok, source.eval_examples, eval_prompt_ids, **eval_kwargs))
+                row.update(run_eval())
             log.write({k: v for k, v in row.items() if v is not None})
 
             # ---- checkpoint

@@ -228,6 +228,7 @@ def generate_completions(
     tokenizer = processor.tokenizer
     eos = eos_token_ids(model, tokenizer)
     gen_cfg = GenerationConfig(
+        suppress_tokens=placeholder_token_ids(model) or None,
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=None if greedy else 0, max_new_tokens=max_new_tokens, eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -242,6 +243,19 @@ def generate_completions(
         model.train(was_training)
     completion_BC = out[:, prompt.prompt_len :]
     return completion_BC, completion_mask(completion_BC, eos)
+
+
+def placeholder_token_ids(model: Any) -> list[int]:
+    """Ids of the image/video placeholder tokens of a VLM (from its config).
+
+    A sampled completion must never contain one: the scoring pass would then see more
+    placeholders than image features and fail (measured: a tiny LLaVA student sampled
+    `<image>` within 40 OPD steps). Generation suppresses them, so samples come from the
+    student's distribution renormalized without these few ids.
+    """
+    config = getattr(model, "config", model)
+    keys = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return sorted({int(v) for k in keys if isinstance(v := getattr(config, k, None), int) and v >= 0})
 
 
 def greedy_answers(

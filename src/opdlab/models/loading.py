@@ -3,7 +3,9 @@
 A model argument is whatever a user has: a Hugging Face model folder (`config.json` plus
 `*.safetensors`), or an opdlab run folder, which stands for its `final/` checkpoint. With
 neither student nor teacher given, the built-in zoo pair `cfg.pair` is built (or read from
-the cache). Only safetensors are read: pickle checkpoints can run code.
+the cache). Only safetensors are read: pickle checkpoints can run code. A folder whose
+config.json describes a vision-language model (a `vision_config`, or a VLM model_type) loads
+with `AutoModelForImageTextToText` and `AutoProcessor` instead (docs/vlm.md).
 
     models = load_models(ModelConfig())             # the built-in pair
     models.student.train(); models.teacher          # teacher: eval mode, no gradients
@@ -33,6 +35,7 @@ class Models:
     student_path: Path
     teacher_path: Path
     task: str | None  # the zoo pair's default task, None for user models
+    vlm: bool = False  # vision-language pair: `tokenizer` / `teacher_tokenizer` are then processors
 
 
 def resolve_model_dir(path: str | Path, role: str) -> Path:
@@ -70,11 +73,48 @@ def load_tokenizer(path: Path, role: str, trust_remote_code: bool = False) -> An
     return tok
 
 
-def _load_causal_lm(path: Path, role: str, device: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoModelForCausalLM
+# model_type of the VLM families opdlab scores correctly (opdlab.distill.vlm.FAMILIES) and of
+# others users may point at; any config with a `vision_config` counts too.
+VLM_MODEL_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "paligemma", "idefics3", "smolvlm")
+
+
+def is_vlm_folder(path: Path) -> bool:
+    """Whether the model folder holds a vision-language model (read from config.json, no code run)."""
+    import json
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("vision_config" in config or config.get("model_type") in VLM_MODEL_TYPES)
+
+
+def load_processor(path: Path, role: str, trust_remote_code: bool = False) -> Any:
+    """A VLM folder's processor, its tokenizer set up for batched generation (left padding, a pad token)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"--{role} {path}: cannot load its processor ({str(exc).splitlines()[0]})") from None
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None:
+        raise UserError(f"--{role} {path}: its processor has no tokenizer; opdlab needs one to decode completions")
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise UserError(f"--{role} {path}: the tokenizer has neither a pad nor an EOS token; add one to tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+    return processor
+
+
+def _load_causal_lm(path: Path, role: str, device: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    # A VLM folder loads as image-text-to-text (vision tower + projector + language model).
+    auto = AutoModelForImageTextToText if is_vlm_folder(path) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(
             str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except ValueError as exc:
@@ -119,9 +159,10 @@ def load_teacher(path: Path, device: str = "cpu", trust_remote_code: bool = Fals
 def model_paths(cfg: ModelConfig) -> tuple[Path, Path, str | None]:
     """(student folder, teacher folder, default task): the given folders or the zoo pair."""
     if cfg.student is None and cfg.teacher is None:
+        from opdlab.models.vlm_zoo import VLM_PAIRS, build_vlm_pair
         from opdlab.models.zoo import build_pair
 
-        pair = build_pair(cfg.pair)
+        pair = build_vlm_pair(cfg.pair) if cfg.pair in VLM_PAIRS else build_pair(cfg.pair)
         return Path(pair.student), Path(pair.teacher), pair.task
     if cfg.student is None or cfg.teacher is None:
         missing = "--student" if cfg.student is None else "--teacher"
@@ -132,8 +173,13 @@ def model_paths(cfg: ModelConfig) -> tuple[Path, Path, str | None]:
 def load_models(cfg: ModelConfig) -> Models:
     """Load student, teacher and both tokenizers as `cfg` asks (see module docs)."""
     student_path, teacher_path, task = model_paths(cfg)
-    tokenizer = load_tokenizer(student_path, "student", cfg.trust_remote_code)
-    teacher_tokenizer = load_tokenizer(teacher_path, "teacher", cfg.trust_remote_code)
+    vlm = is_vlm_folder(student_path)
+    if vlm != is_vlm_folder(teacher_path):
+        which = "student" if vlm else "teacher"
+        raise UserError(f"--{which} is a vision-language model but the other is not; distill a VLM from a VLM teacher")
+    load_text = load_processor if vlm else load_tokenizer
+    tokenizer = load_text(student_path, "student", cfg.trust_remote_code)
+    teacher_tokenizer = load_text(teacher_path, "teacher", cfg.trust_remote_code)
     student = load_student(student_path, cfg.device, cfg.trust_remote_code)
     teacher = load_teacher(teacher_path, cfg.device, cfg.trust_remote_code)
-    return Models(student, teacher, tokenizer, teacher_tokenizer, student_path, teacher_path, task)
+    return Models(student, teacher, tokenizer, teacher_tokenizer, student_path, teacher_path, task, vlm)

@@ -4,6 +4,7 @@
     opdlab demo --quick     # a first look (about 3 min)
     opdlab demo --full      # longer runs, wider sweeps
     opdlab demo --resume    # continue an interrupted demo; finished stages are kept
+    opdlab demo --vlm       # a smaller study on the vision-language pair (recipes/demo_vlm.py)
 
 From one source student (the zoo pair's), in `--out` (default `opdlab-demo/`):
   runs/opd, runs/sft, runs/rl      OPD with AdamW and the SFT / RL baselines, matched budgets, bf16 + fp32 checkpoints
@@ -120,6 +121,10 @@ def demo(cfg: DemoConfig) -> Path:
     from opdlab.recipes.experiment import final_eval, run_optimizers, run_subnetwork, train_arm
     from opdlab.recipes.report import report
 
+    if cfg.vlm:  # the smaller study on the vision-language pair (recipes/demo_vlm.py)
+        from opdlab.recipes.demo_vlm import demo_vlm
+
+        return demo_vlm(cfg)
     preset = PRESETS[cfg.preset]
     out = Path(cfg.out)
     if not (cfg.resume and out.is_dir()):

@@ -3,6 +3,7 @@
     opdlab zoo list                      # name, task, size, whether it is cached
     opdlab zoo build sort-tiny          # copy the shipped pair into the cache; prints its folder
     opdlab zoo build sort-tiny --rebuild   # retrain it from its seed (a few minutes on 2 cores)
+    opdlab zoo build shapes-vlm-tiny       # the vision-language pair (docs/vlm.md)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from opdlab.config import ZooConfig
 from opdlab.errors import UserError
+from opdlab.models import vlm_zoo
 from opdlab.models import zoo as zoo_models
 
 
@@ -26,6 +28,16 @@ def pair_table() -> str:
             status = "shipped" if zoo_models.shipped_dir(spec.name) else "not built"
             params = f"~{zoo_models.approx_params(spec) / 1e6:.2f}M"
         rows.append((spec.name, spec.task, params, status, spec.description))
+    for vspec in vlm_zoo.list_vlm_pairs():
+        folder = vlm_zoo.vlm_pair_dir(vspec.name)
+        if vlm_zoo.is_vlm_cached(vspec.name):
+            status = "cached"
+            params = str(vlm_zoo.read_metadata(folder).get("num_params", "?"))
+        else:
+            shipped = vlm_zoo.shipped_vlm_dir(vspec.name)
+            status = "shipped" if shipped else "not built"
+            params = str(vlm_zoo.read_metadata(shipped).get("num_params", "?")) if shipped else "?"
+        rows.append((vspec.name, vspec.task, params, status, "VLM: " + vspec.description))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
@@ -34,7 +46,10 @@ def zoo(cfg: ZooConfig) -> str | Path:
     """List the pairs (returns the table) or build one (returns its cache folder)."""
     if cfg.action == "list":
         return pair_table()
+    known = [p.name for p in zoo_models.list_pairs()] + [p.name for p in vlm_zoo.list_vlm_pairs()]
     if not cfg.name:
-        raise UserError(f"name a pair to build, e.g. `opdlab zoo build sort-tiny` (known: {', '.join(p.name for p in zoo_models.list_pairs())})")
+        raise UserError(f"name a pair to build, e.g. `opdlab zoo build sort-tiny` (known: {', '.join(known)})")
+    if cfg.name in vlm_zoo.VLM_PAIRS:
+        return vlm_zoo.build_vlm_pair(cfg.name, rebuild=cfg.rebuild).student.parent
     paths = zoo_models.build_pair(cfg.name, rebuild=cfg.rebuild)
     return paths.student.parent

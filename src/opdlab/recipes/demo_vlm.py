@@ -1,0 +1,84 @@
+"""`opdlab demo --vlm`: a smaller version of the study on the built-in vision-language pair.
+
+    opdlab demo --vlm --out opdlab-demo-vlm        # about 3 min on 2 idle cores
+
+From the source student of `shapes-vlm-tiny` (a LLaVA-style model: CLIP vision tower, projector,
+Llama language model; docs/vlm.md), in `--out`:
+  runs/opd, runs/sft      OPD with AdamW and the SFT baseline, matched budgets, bf16 + fp32 checkpoints
+  analysis/<run>          how each run changed the source; the vision / projector / language groups
+                          appear in analysis.json's module and block tables
+  analysis/opd-fp32       the fp32 twin of opd (precision control)
+  report/report.html      the findings and figures (`opdlab report` renders it again from files)
+
+Where this deviates from the text demo, and why:
+1. No RL baseline, run comparisons, experiments or step-size sweep: the VLM demo shows that the
+   same loop and analysis work on a VLM pair within minutes; the text demo carries the study.
+2. A larger learning rate (1e-3) than the text demo: the 0.2 M-parameter pair needs large
+   relative steps to move within 30 steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opdlab.config import AnalyzeConfig, DemoConfig, DistillConfig, ReportConfig, load_config
+from opdlab.fileio import prepare_out_dir
+
+PAIR = "shapes-vlm-tiny"
+
+# Budget of every training run; sized for about 3 minutes in total on 2 idle cores.
+VLM_RUN: dict[str, object] = {
+    "model.pair": PAIR, "optim.optimizer": "adamw", "optim.lr": 1e-3, "run.steps": 30, "run.save_dtype": "both",
+    "run.eval_every": 10, "run.save_every": 0, "run.keep_checkpoints": 1, "rollout.prompts_per_step": 16,
+    "rollout.samples_per_prompt": 2, "data.num_eval": 64,
+}
+
+
+def vlm_base_config(out: Path) -> DistillConfig:
+    """The OPD run on the VLM pair; the SFT run differs only in `method`."""
+    return load_config(DistillConfig, None, {"method": "opd", "out": str(out), **VLM_RUN})
+
+
+def demo_vlm(cfg: DemoConfig) -> Path:
+    """Run the VLM demo into `cfg.out`; return the report's path."""
+    from opdlab.models.vlm_zoo import build_vlm_pair
+    from opdlab.recipes.analyze import analyze
+    from opdlab.recipes.demo import Manifest, print_findings
+    from opdlab.recipes.experiment import train_arm
+    from opdlab.recipes.report import report
+
+    out = Path(cfg.out)
+    if not (cfg.resume and out.is_dir()):
+        prepare_out_dir(out, cfg.overwrite)
+    manifest = Manifest(out, "vlm", cfg.resume)
+    print(f"opdlab demo (vlm, {PAIR}) -> {out}", flush=True)
+
+    source = Path(build_vlm_pair(PAIR).student)  # copied from the package on first use
+    base = vlm_base_config(out / "runs" / "opd")
+
+    # ---- 1. OPD and SFT from one source, matched budgets
+    runs: dict[str, Path] = {}
+    for method in ("opd", "sft"):
+        run_dir = out / "runs" / method
+        runs[method] = run_dir
+        manifest.run(method, "run", run_dir, lambda m=method, d=run_dir: train_arm(base, d, {"method": m}), out)
+
+    # ---- 2. what each run changed (bf16, plus the fp32 precision control for opd)
+    def _analyze(tuned: Path, dest: Path, dtype: str = "bf16") -> Path:
+        return analyze(load_config(AnalyzeConfig, None, {"base": str(source), "tuned": str(tuned), "out": str(dest),
+                                                         "dtype": dtype, "overwrite": True}))
+
+    for name, run_dir in runs.items():
+        dest = out / "analysis" / name
+        manifest.run(f"analysis-{name}", "analysis", dest, lambda r=run_dir, d=dest: _analyze(r, d), out)
+    dest = out / "analysis" / "opd-fp32"
+    manifest.run("analysis-opd-fp32", "analysis", dest, lambda: _analyze(runs["opd"], dest, "fp32"), out)
+
+    # ---- 3. the report, and the findings on the terminal
+    report_dir = out / "report"
+    manifest.run("report", "report", report_dir, lambda: report(load_config(ReportConfig, None, {
+        "path": str(out), "out": str(report_dir)})), out)
+    print_findings(report_dir / "findings.json", runs)
+    print(f"report: {report_dir / 'report.html'}")
+    print(f"demo finished in {manifest.data['total_s'] / 60:.1f} min", flush=True)
+    return report_dir / "report.html"
