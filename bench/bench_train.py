@@ -407,13 +407,18 @@ def bench_size(size: str, s: dict, tools: list[str], workdir: Path, parity_only:
     paths = build_pair(workdir / size, size, seed=s["seed"])
     params = paths.pop("params")
     result: dict[str, Any] = {"size": size, "model": SIZES[size], "parameters": params}
-    if "trl" in tools:  # in this (unmeasured) parent process: a child would only add start-up time
+    def check_parity() -> None:
+        # In this (unmeasured) parent process, and only after the measured children have started:
+        # a child started by fork+exec inherits the parent's peak-RSS mark (ru_maxrss), so running
+        # the parity check first would inflate both tools' peak memory alike.
         import torch
 
         torch.set_num_threads(s["threads"])
         result["parity"] = parity(paths, s)
         print(f"[{size}] parity: {json.dumps(result['parity']['loss'])} agree={result['parity']['agree']}", flush=True)
+
     if parity_only:
+        check_parity()
         return result
     children = {kind: Child(kind, paths, s) for kind in tools}
     ready = {kind: c.read() for kind, c in children.items()}
@@ -425,6 +430,8 @@ def bench_size(size: str, s: dict, tools: list[str], workdir: Path, parity_only:
             trials[kind].append(answer["steps"])
             tps = sum(r["tokens"] for r in answer["steps"]) / sum(r["step_s"] for r in answer["steps"])
             print(f"[{size}] trial {t + 1}/{s['trials']} {kind}: {tps:,.0f} completion tokens/s", flush=True)
+    if "trl" in tools:
+        check_parity()
     for kind, child in children.items():
         final = child.close()
         result[kind] = {**summarize(trials[kind]), "peak_rss_mb": final["peak_rss_mb"],
