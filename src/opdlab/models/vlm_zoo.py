@@ -28,7 +28,6 @@ matching processors in well under a second, for the scoring tests of every suppo
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import shutil
 import time
@@ -41,8 +40,8 @@ import torch
 
 from opdlab.errors import UserError
 from opdlab.fileio import atomic_path, write_json
+from opdlab.models.zoo import METADATA_FILE, _is_complete, cache_dir, read_metadata  # one cache layout for every pair
 
-METADATA_FILE = "opdlab_pair.json"
 IMAGE_TOKEN = "<image>"
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 VlmFamily = Literal["llava", "qwen2_5_vl", "qwen2_vl", "paligemma"]
@@ -100,16 +99,6 @@ class VlmPairPaths:
     student: Path
     teacher: Path
     task: str
-
-
-def cache_dir() -> Path:
-    """The shared zoo cache (`opdlab.models.zoo.cache_dir`: $OPDLAB_CACHE, else ~/.cache/opdlab)."""
-    try:
-        from opdlab.models.zoo import cache_dir as zoo_cache_dir
-    except ImportError:  # the text zoo is optional for this module
-        env = os.environ.get("OPDLAB_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "opdlab"
-    return zoo_cache_dir()
 
 
 # ----------------------------------------------------------------------------- tokenizer and processors
@@ -318,19 +307,6 @@ def get_vlm_spec(name: str) -> VlmPairSpec:
         return VLM_PAIRS[name]
     except KeyError:
         raise UserError(f"unknown VLM pair {name!r}; known: {', '.join(VLM_PAIRS)} (see `opdlab zoo list`)") from None
-
-
-def _is_complete(folder: Path) -> bool:
-    return (folder / METADATA_FILE).is_file() and all(
-        (folder / role / f).is_file() for role in ("student", "teacher") for f in ("config.json", "model.safetensors")
-    )
-
-
-def read_metadata(folder: str | Path) -> dict[str, Any]:
-    """The `opdlab_pair.json` of a pair folder (how it was built, measured accuracies)."""
-    import json
-
-    return json.loads((Path(folder) / METADATA_FILE).read_text(encoding="utf-8"))
 
 
 def build_vlm_pair(name: str = "shapes-vlm-tiny", rebuild: bool = False, progress: bool = True) -> VlmPairPaths:
