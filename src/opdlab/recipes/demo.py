@@ -38,7 +38,7 @@ from opdlab.config import (
     AnalyzeConfig, CompareConfig, DemoConfig, DistillConfig, ExperimentConfig, ReportConfig, load_config,
 )
 from opdlab.errors import UserError
-from opdlab.fileio import prepare_out_dir, read_jsonl, write_json
+from opdlab.fileio import prepare_out_dir, write_json
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,8 @@ class Manifest:
 def demo(cfg: DemoConfig) -> Path:
     """Run the study on the built-in pair into `cfg.out`; return the report's path."""
     from opdlab.models.zoo import build_pair
-    from opdlab.recipes.analyze import analyze
     from opdlab.recipes.compare import compare
     from opdlab.recipes.experiment import final_eval, run_optimizers, run_subnetwork, train_arm
-    from opdlab.recipes.report import report
 
     if cfg.vlm:  # the smaller study on the vision-language pair (recipes/demo_vlm.py)
         from opdlab.recipes.demo_vlm import demo_vlm
@@ -151,15 +149,7 @@ def demo(cfg: DemoConfig) -> Path:
         manifest.run(f"opd-seed{seed}", "run", run_dir, lambda s=seed, d=run_dir: train_arm(base, d, {"run.seed": s}), out)
 
     # ---- 2. what each run changed
-    def _analyze(tuned: Path, dest: Path, dtype: str = "bf16") -> Path:
-        return analyze(load_config(AnalyzeConfig, None, {"base": str(source), "tuned": str(tuned), "out": str(dest),
-                                                         "dtype": dtype, "overwrite": True}))
-
-    for name, run_dir in runs.items():
-        dest = out / "analysis" / name
-        manifest.run(f"analysis-{name}", "analysis", dest, lambda r=run_dir, d=dest: _analyze(r, d), out)
-    dest = out / "analysis" / "opd-fp32"
-    manifest.run("analysis-opd-fp32", "analysis", dest, lambda: _analyze(runs["opd"], dest, "fp32"), out)
+    analyze_runs(manifest, source, runs, out)
 
     # ---- 3. do different runs change the same coordinates?
     pairs = [("opd", "rl"), ("opd", "sft"), ("sft", "rl")] + [("opd", f"opd-seed{s}") for s in range(1, preset.seeds)]
@@ -186,7 +176,7 @@ def demo(cfg: DemoConfig) -> Path:
         for lr in preset.sweep_lrs:
             run_dir = opt_dir / "runs" / f"adamw-lr{lr:g}"
             dest = sweep_dir / f"lr-{lr:g}"
-            _analyze(run_dir, dest)
+            analyze_pair(source, run_dir, dest)
             summary = json.loads((dest / "analysis.json").read_text(encoding="utf-8"))["summary"]
             evaluation = final_eval(run_dir)
             points.append({"lr": lr, "sparsity_bf16": summary.get("sparsity"), "sparsity_fp32": summary.get("sparsity_fp32"),
@@ -200,6 +190,30 @@ def demo(cfg: DemoConfig) -> Path:
     manifest.run("lr-sweep", "sweep", sweep_dir, _sweep, out)
 
     # ---- 6. the report, and the findings on the terminal
+    return write_report(manifest, out, runs)
+
+
+def analyze_pair(source: Path, tuned: Path, dest: Path, dtype: str = "bf16") -> Path:
+    """`opdlab analyze SOURCE TUNED --out DEST` (replacing an earlier DEST)."""
+    from opdlab.recipes.analyze import analyze
+
+    return analyze(load_config(AnalyzeConfig, None, {"base": str(source), "tuned": str(tuned), "out": str(dest),
+                                                     "dtype": dtype, "overwrite": True}))
+
+
+def analyze_runs(manifest: Manifest, source: Path, runs: dict[str, Path], out: Path) -> None:
+    """Analyze every run against the source in bf16, plus the fp32 twin of opd (precision control)."""
+    for name, run_dir in runs.items():
+        dest = out / "analysis" / name
+        manifest.run(f"analysis-{name}", "analysis", dest, lambda r=run_dir, d=dest: analyze_pair(source, r, d), out)
+    dest = out / "analysis" / "opd-fp32"
+    manifest.run("analysis-opd-fp32", "analysis", dest, lambda: analyze_pair(source, runs["opd"], dest, "fp32"), out)
+
+
+def write_report(manifest: Manifest, out: Path, runs: dict[str, Path]) -> Path:
+    """Render the report from everything in `out`, print the findings table, return report.html."""
+    from opdlab.recipes.report import report
+
     report_dir = out / "report"
     manifest.run("report", "report", report_dir, lambda: report(load_config(ReportConfig, None, {
         "path": str(out), "out": str(report_dir)})), out)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opdlab.config import AnalyzeConfig, DemoConfig, DistillConfig, ReportConfig, load_config
+from opdlab.config import DemoConfig, DistillConfig, load_config
 from opdlab.fileio import prepare_out_dir
 
 PAIR = "shapes-vlm-tiny"
@@ -60,10 +60,8 @@ def demo_vlm(cfg: DemoConfig) -> Path:
 
 def _demo_vlm(cfg: DemoConfig) -> Path:
     from opdlab.models.vlm_zoo import build_vlm_pair
-    from opdlab.recipes.analyze import analyze
-    from opdlab.recipes.demo import Manifest, print_findings
+    from opdlab.recipes.demo import Manifest, analyze_runs, write_report
     from opdlab.recipes.experiment import train_arm
-    from opdlab.recipes.report import report
 
     out = Path(cfg.out)
     if not (cfg.resume and out.is_dir()):
@@ -81,22 +79,6 @@ def _demo_vlm(cfg: DemoConfig) -> Path:
         runs[method] = run_dir
         manifest.run(method, "run", run_dir, lambda m=method, d=run_dir: train_arm(base, d, {"method": m}), out)
 
-    # ---- 2. what each run changed (bf16, plus the fp32 precision control for opd)
-    def _analyze(tuned: Path, dest: Path, dtype: str = "bf16") -> Path:
-        return analyze(load_config(AnalyzeConfig, None, {"base": str(source), "tuned": str(tuned), "out": str(dest),
-                                                         "dtype": dtype, "overwrite": True}))
-
-    for name, run_dir in runs.items():
-        dest = out / "analysis" / name
-        manifest.run(f"analysis-{name}", "analysis", dest, lambda r=run_dir, d=dest: _analyze(r, d), out)
-    dest = out / "analysis" / "opd-fp32"
-    manifest.run("analysis-opd-fp32", "analysis", dest, lambda: _analyze(runs["opd"], dest, "fp32"), out)
-
-    # ---- 3. the report, and the findings on the terminal
-    report_dir = out / "report"
-    manifest.run("report", "report", report_dir, lambda: report(load_config(ReportConfig, None, {
-        "path": str(out), "out": str(report_dir)})), out)
-    print_findings(report_dir / "findings.json", runs)
-    print(f"report: {report_dir / 'report.html'}")
-    print(f"demo finished in {manifest.data['total_s'] / 60:.1f} min", flush=True)
-    return report_dir / "report.html"
+    # ---- 2. what each run changed (bf16, plus the fp32 precision control for opd); 3. the report
+    analyze_runs(manifest, source, runs, out)
+    return write_report(manifest, out, runs)
