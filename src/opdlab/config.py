@@ -59,6 +59,7 @@ class DataConfig:
       prompts: prompts file (.jsonl or .parquet) or a `datasets` folder saved to disk; empty = generated from `task`.
       prompt_field: field holding the prompt text.
       answer_field: field holding the reference answer (used for accuracy and the RL reward; optional for opd).
+      image_field: field holding an image path (relative to the prompts file) for vision-language pairs.
       eval_prompts: held-out prompts file; empty = generated held-out prompts of `task`, or a split of `prompts`.
       num_eval: number of held-out prompts to evaluate on.
       max_prompt_tokens: prompts longer than this (after the chat template) are an error.
@@ -68,6 +69,7 @@ class DataConfig:
     prompts: str | None = None
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    image_field: str = "image"
     eval_prompts: str | None = None
     num_eval: int = 128
     max_prompt_tokens: int = 512

@@ -85,3 +85,40 @@ def test_vlm_opd_raises_accuracy_beyond_noise(tmp_path, monkeypatch):
     stderr = math.sqrt(max(start * (1 - start), 0.05) / 128)
     assert end - start > 2 * stderr, (start, end)
     assert evals[-1]["eval/reverse_kl"] < 0.5 * evals[0]["eval/reverse_kl"]
+
+
+def _visual_prompts_file(folder: Path, n: int = 10) -> Path:
+    """A prompts file whose records name PNG images by paths relative to the file."""
+    from opdlab.data.visual_tasks import get_visual_task
+
+    (folder / "images").mkdir(parents=True)
+    lines = []
+    for i, ex in enumerate(get_visual_task("shapes-count").examples(n, seed=3, split="train")):
+        ex.image.save(folder / "images" / f"{i}.png")
+        lines.append(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "image": f"images/{i}.png"}))
+    path = folder / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_vlm_prompts_file_with_image_paths(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPDLAB_CACHE", str(tmp_path / "cache"))
+    prompts = _visual_prompts_file(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["distill", "--pair", "shapes-vlm-tiny", "--prompts", str(prompts), "--steps", "2",
+                 "--out", str(out), "--set", "rollout.prompts_per_step=4", "--set", "rollout.samples_per_prompt=2",
+                 "--set", "run.threads=1"]) == 0
+    evals = [r for r in _metrics(out) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]  # held-out records come from the file (exact-match answers)
+    assert all(0.0 <= r["eval/accuracy"] <= 1.0 and math.isfinite(r["eval/reverse_kl"]) for r in evals)
+
+    # A record whose image is missing is one line naming the file, the line and the image.
+    lines = prompts.read_text().splitlines()
+    lines[3] = lines[3].replace("images/3.png", "images/missing.png")
+    prompts.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["distill", "--pair", "shapes-vlm-tiny", "--prompts", str(prompts), "--steps", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 4" in err and "missing.png" in err and str(prompts) in err

@@ -29,8 +29,14 @@ def read_prompts(
     task_field: str = "task",
     require_answer: bool = False,
     privileged_field: str = "privileged",
+    image_field: str | None = None,
 ) -> list[Example]:
-    """The prompts at `path` as `Example`s (answer "" and task "" when the record has none)."""
+    """The prompts at `path` as `Example`s (answer "" and task "" when the record has none).
+
+    With `image_field` (vision-language pairs) every record names an image file, as a path
+    relative to the prompts file (or absolute); the records come back as
+    `opdlab.data.visual_tasks.VisualExample`s holding the loaded RGB image.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: prompts file not found; check the path given to --prompts")
@@ -59,10 +65,34 @@ def read_prompts(
             raise UserError(f"{where}: field '{answer_field}' is missing or empty; accuracy needs an answer on every record")
         task = _optional_text(record, task_field, where, allow_int=False)
         privileged = _optional_text(record, privileged_field, where, allow_int=False) or None
+        if image_field is not None:
+            from opdlab.data.visual_tasks import VisualExample
+
+            image = _read_image(record.get(image_field), image_field, path.parent, where)
+            examples.append(VisualExample(prompt=prompt, answer=answer, task=task, image=image, privileged=privileged))
+            continue
         examples.append(Example(prompt=prompt, answer=answer, task=task, privileged=privileged))
     if not examples:
         raise UserError(f"{path}: no prompts in the file; it needs at least one record with a '{prompt_field}' field")
     return examples
+
+
+def _read_image(value: Any, field: str, folder: Path, where: str) -> Any:
+    """Open the image a record names (path relative to the prompts file) as RGB; one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: field '{field}' is missing or not a path; every record of a vision-language "
+                        f"prompts file needs an image path (relative to the file), or set data.image_field")
+    image_path = Path(value) if Path(value).is_absolute() else folder / value
+    try:
+        with Image.open(image_path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{where}: image {value!r} not found (looked for {image_path})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"{where}: image {value!r} cannot be read as an image ({type(exc).__name__}); "
+                        "use PNG or JPEG") from None
 
 
 def check_prompt_lengths(examples: list[Example], tokenizer: Any, max_tokens: int, source: str | Path) -> None:

@@ -103,16 +103,25 @@ class PromptSource:
         return out
 
 
-def _read_file(path: str, cfg: DistillConfig) -> list[Example]:
-    """A prompts file's examples; records without a task get `data.task` (their checker), if given."""
-    examples = read_prompts(path, cfg.data.prompt_field, cfg.data.answer_field)
+def _read_file(path: str, cfg: DistillConfig, vlm: bool = False) -> list[Example]:
+    """A prompts file's examples; records without a task get `data.task` (their checker), if given.
+
+    For a vision-language pair every record also names an image (`data.image_field`).
+    """
+    examples = read_prompts(path, cfg.data.prompt_field, cfg.data.answer_field,
+                            image_field=cfg.data.image_field if vlm else None)
+    if vlm:
+        if cfg.data.task:
+            get_visual_task(cfg.data.task)  # an unknown name fails here, before any work
+            examples = [ex if ex.task else replace(ex, task=cfg.data.task) for ex in examples]
+        return examples
     if cfg.data.task:
         get_task(cfg.data.task)  # an unknown name fails here, before any work
         examples = [ex if ex.task else replace(ex, task=cfg.data.task) for ex in examples]
     return examples
 
 
-def prompt_source(cfg: DistillConfig, default_task: str | None) -> PromptSource:
+def prompt_source(cfg: DistillConfig, default_task: str | None, vlm: bool = False) -> PromptSource:
     """Training and held-out prompts from a prompts file or a built-in task."""
     data = cfg.data
     task = data.task or default_task
@@ -121,10 +130,10 @@ def prompt_source(cfg: DistillConfig, default_task: str | None) -> PromptSource:
             raise UserError("no prompts: pass --prompts FILE.jsonl (or --task NAME for a built-in task)")
         evals = task_examples(task, data.num_eval, seed=EVAL_SEED, split="eval")
         return PromptSource(task, None, evals, [(evals, f"task {task}")])
-    pool = _read_file(data.prompts, cfg)
+    pool = _read_file(data.prompts, cfg, vlm)
     checks = [(pool, data.prompts)]
     if data.eval_prompts is not None:
-        evals = _read_file(data.eval_prompts, cfg)
+        evals = _read_file(data.eval_prompts, cfg, vlm)
         return PromptSource(task, pool, evals[: data.num_eval], checks + [(evals, data.eval_prompts)])
     # Hold out a seeded fifth (at most num_eval) of the file; a single prompt serves both roles.
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(EVAL_SEED)).tolist()
@@ -142,10 +151,7 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
     check_tokenizers(student_tok, teacher_tok, vocab_size(models.student), vocab_size(models.teacher),
                      str(models.student_path), str(models.teacher_path))
     if models.vlm:
-        if cfg.data.prompts is not None:
-            raise UserError(f"{cfg.data.prompts}: prompts files are not supported for VLM pairs yet; "
-                            "use a built-in visual task (--task shapes-count)")
-        if not source.task or source.task not in visual_task_names():
+        if cfg.data.prompts is None and (not source.task or source.task not in visual_task_names()):
             raise UserError(f"task {source.task!r}: a VLM pair needs a visual task ({', '.join(visual_task_names())})")
         if cfg.rollout.backend != "hf":
             raise UserError("rollout.backend vllm: not supported for VLM pairs; use rollout.backend=hf")
@@ -289,7 +295,7 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
     # ---- load
     models = load_models(cfg.model)
     student, teacher, tok = models.student, models.teacher, models.tokenizer
-    source = prompt_source(cfg, models.task)
+    source = prompt_source(cfg, models.task, models.vlm)
     preflight(cfg, models, source)
     vocab = vocab_size(student)
     reference = None
