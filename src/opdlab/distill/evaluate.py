@@ -15,7 +15,7 @@ the evaluation schedule: a resumed run stays bit-identical.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -67,6 +67,23 @@ def evaluate(
     chunk: int,
 ) -> dict[str, float]:
     """Greedy accuracy (overall and per task) and per-token reverse KL on held-out prompts."""
+    return _greedy_eval(
+        student, examples, batch_size,
+        lambda a, b: roll_out(student, tokenizer, prompt_ids[a:b], examples[a:b],
+                              samples=1, max_new_tokens=max_new_tokens, greedy=True),
+        lambda batch: mean_reverse_kl(student, teacher, batch, vocab_size, chunk),
+    )
+
+
+def _greedy_eval(
+    student: Any,
+    examples: Sequence[Any],
+    batch_size: int,
+    roll: Callable[[int, int], Any],
+    kl: Callable[[Any], tuple[float, int]],
+) -> dict[str, float]:
+    """The evaluation loop both model kinds share: greedy batches of `examples[a:b]` from `roll`,
+    summed reverse KL from `kl`, in eval mode and without touching the training RNG."""
     with torch.random.fork_rng(devices=[]):
         was_training = student.training
         student.eval()
@@ -74,11 +91,9 @@ def evaluate(
             completions: list[str] = []
             kl_sum, kl_tokens = 0.0, 0
             for start in range(0, len(examples), batch_size):
-                stop = start + batch_size
-                batch = roll_out(student, tokenizer, prompt_ids[start:stop], examples[start:stop],
-                                 samples=1, max_new_tokens=max_new_tokens, greedy=True)
+                batch = roll(start, start + batch_size)
                 completions.extend(batch.completions)
-                s, n = mean_reverse_kl(student, teacher, batch, vocab_size, chunk)
+                s, n = kl(batch)
                 kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
         finally:
             student.train(was_training)
@@ -109,21 +124,12 @@ def evaluate_visual(
 
     `processors` maps "student" and "teacher" to each model's own processor (docs/vlm.md).
     """
-    with torch.random.fork_rng(devices=[]):
-        was_training = student.training
-        student.eval()
-        try:
-            completions: list[str] = []
-            kl_sum, kl_tokens = 0.0, 0
-            for start in range(0, len(examples), batch_size):
-                batch = roll_out_visual(student, processors, examples[start:start + batch_size],
-                                        samples=1, max_new_tokens=max_new_tokens, greedy=True)
-                completions.extend(batch.completions)
-                s, n = mean_reverse_kl_visual(student, teacher, batch, vocab_size, chunk)
-                kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
-        finally:
-            student.train(was_training)
-    return accuracy_row(completions, examples, kl_sum / max(kl_tokens, 1))
+    return _greedy_eval(
+        student, examples, batch_size,
+        lambda a, b: roll_out_visual(student, processors, examples[a:b], samples=1,
+                                     max_new_tokens=max_new_tokens, greedy=True),
+        lambda batch: mean_reverse_kl_visual(student, teacher, batch, vocab_size, chunk),
+    )
 
 
 def accuracy_row(completions: Sequence[str], examples: Sequence[Any], reverse_kl_per_token: float) -> dict[str, float]:
