@@ -16,6 +16,7 @@ assistant message ends with `<eos>`, which is what a model learns to emit to sto
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -45,9 +46,16 @@ def vocabulary() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level fast tokenizer with special tokens and a chat template (vocabulary < 64)."""
-    core = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
+def build_tokenizer(extra_special_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer with special tokens and a chat template (vocabulary < 64).
+
+    `extra_special_tokens` (e.g. image placeholders of the VLM pairs) get ids after the text
+    vocabulary, so every text token keeps the same id in every built-in tokenizer.
+    """
+    vocab = vocabulary()
+    for token in extra_special_tokens:
+        vocab[token] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Split text into single characters; special tokens are matched before this runs.
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     # Decoding glues characters back together (the default would join them with spaces).
@@ -58,7 +66,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=EOS,
         pad_token=PAD,
         unk_token=UNK,
-        additional_special_tokens=list(ROLE_TOKENS.values()),
+        additional_special_tokens=[*ROLE_TOKENS.values(), *extra_special_tokens],
         # Generation batches prompts on the left so every row ends at its generation prompt.
         padding_side="left",
         model_max_length=512,

@@ -134,29 +134,10 @@ def build_vlm_tokenizer(family: VlmFamily = "llava") -> Any:
     Image tokens are appended after the text vocabulary, so a text token has the same id in
     the text and the VLM pairs.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from opdlab.models.tokenizer import build_tokenizer
 
-    from opdlab.models.tokenizer import BOS, EOS, PAD, ROLE_TOKENS, UNK, vocabulary
-
-    extra = [IMAGE_TOKEN, *QWEN_VISION_TOKENS]
-    vocab = vocabulary()
-    for token in extra:
-        vocab[token] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=[*ROLE_TOKENS.values(), *extra],
-        padding_side="left",
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
+    tok = build_tokenizer([IMAGE_TOKEN, *QWEN_VISION_TOKENS])
+    tok.chat_template = None  # the text template has no image slot; families below get their own
     if family in _IMAGE_PART:
         tok.chat_template = vlm_chat_template(_IMAGE_PART[family])
     return tok
