@@ -34,6 +34,9 @@ VLM_RUN: dict[str, object] = {
     "model.pair": PAIR, "optim.optimizer": "adamw", "optim.lr": 1e-3, "run.steps": 80, "run.save_dtype": "both",
     "run.eval_every": 20, "run.save_every": 0, "run.keep_checkpoints": 1, "rollout.prompts_per_step": 16,
     "rollout.samples_per_prompt": 4, "data.num_eval": 256,
+    # One torch thread: the 0.2 M-parameter pair gains nothing from more, and on shared cores extra
+    # threads spin-wait (measured: 80 OPD steps 32 s on one thread, 387 s on two).
+    "run.threads": 1,
 }
 
 
@@ -43,22 +46,7 @@ def vlm_base_config(out: Path) -> DistillConfig:
 
 
 def demo_vlm(cfg: DemoConfig) -> Path:
-    """Run the VLM demo into `cfg.out`; return the report's path.
-
-    Runs on one torch thread: the 0.2 M-parameter pair gains nothing from more, and on shared
-    cores extra threads spin-wait (measured: 80 OPD steps 32 s on one thread, 387 s on two).
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _demo_vlm(cfg)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _demo_vlm(cfg: DemoConfig) -> Path:
+    """Run the VLM demo into `cfg.out`; return the report's path."""
     from opdlab.models.vlm_zoo import build_vlm_pair
     from opdlab.recipes.demo import Manifest, analyze_runs, write_report
     from opdlab.recipes.experiment import train_arm
