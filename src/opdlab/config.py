@@ -60,6 +60,8 @@ class DataConfig:
       prompt_field: field holding the prompt text.
       answer_field: field holding the reference answer (used for accuracy and the RL reward; optional for opd).
       image_field: field holding an image path (relative to the prompts file) for vision-language pairs.
+      privileged_field: field holding privileged context only the teacher sees (method opsd); records without it use their answer.
+      privileged_template: the teacher's user message for method opsd, with {prompt} and {privileged} placeholders.
       eval_prompts: held-out prompts file; empty = generated held-out prompts of `task`, or a split of `prompts`.
       num_eval: number of held-out prompts to evaluate on.
       max_prompt_tokens: prompts longer than this (after the chat template) are an error.
@@ -70,6 +72,8 @@ class DataConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     image_field: str = "image"
+    privileged_field: str = "privileged"
+    privileged_template: str = "{prompt}\n\nHint: the answer is {privileged}."
     eval_prompts: str | None = None
     num_eval: int = 128
     max_prompt_tokens: int = 512
@@ -177,14 +181,14 @@ class RunConfig:
 
 @dataclass
 class DistillConfig:
-    """One training run: method opd | sft | rl.
+    """One training run: method opd | opsd | sft | rl.
 
     Fields:
-      method: opd (student samples, teacher scores every token), sft (train on teacher completions), rl (GRPO-style verifier reward).
+      method: opd (student samples, teacher scores every token), opsd (on-policy self-distillation: the teacher is the student's frozen source model, shown privileged context), sft (train on teacher completions), rl (GRPO-style verifier reward).
       out: run folder.
     """
 
-    method: Literal["opd", "sft", "rl"] = "opd"
+    method: Literal["opd", "opsd", "sft", "rl"] = "opd"
     out: str = "runs/distill"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -213,6 +217,8 @@ class DistillConfig:
         check(self.loss.top_k >= 1, "loss.top_k", "must be >= 1")
         check(self.loss.vocab_chunk >= 1, "loss.vocab_chunk", "must be >= 1")
         check(self.data.num_eval >= 1, "data.num_eval", "must be >= 1")
+        check(_formats(self.data.privileged_template), "data.privileged_template",
+              "must contain {prompt} and {privileged} and no other {...} fields (write {{ and }} for literal braces)")
         if self.method == "rl":
             check(self.rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt", "must be >= 2 for method rl (group baseline)")
 
@@ -345,6 +351,7 @@ class DemoConfig:
       overwrite: replace a non-empty demo folder.
       resume: continue an interrupted demo in `out`, skipping finished stages.
       vlm: run the study on the built-in vision-language pair (shapes-vlm-tiny) instead.
+      real: self-distill a real pretrained model (SmolLM2-135M-Instruct, needs opdlab[real]) instead.
     """
 
     preset: Literal["quick", "default", "full"] = "default"
@@ -352,6 +359,10 @@ class DemoConfig:
     overwrite: bool = False
     resume: bool = False
     vlm: bool = False
+    real: bool = False
+
+    def __post_init__(self) -> None:
+        check(not (self.vlm and self.real), "vlm/real", "are exclusive: pick --vlm or --real")
 
 
 @dataclass
@@ -394,6 +405,17 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def _formats(template: str) -> bool:
+    """Whether `template` has both the {prompt} and {privileged} fields and formats with only those."""
+    if "{prompt}" not in template or "{privileged}" not in template:
+        return False
+    try:
+        template.format(prompt="", privileged="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 def check(ok: bool, name: str, what: str) -> None:

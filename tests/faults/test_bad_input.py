@@ -187,7 +187,7 @@ def test_prompts_not_utf8_or_unknown_format(pair, tmp_path, capsys):
     ("loss:\n  beta: -0.1\n", "'loss.beta' must be in [0, 1]"),
     ("optim:\n  lr: -1e-3\n", "'optim.lr' must be positive"),
     ("optim:\n  lr: .nan\n", "field 'optim.lr' must be a number"),
-    ("method: dpo\n", "field 'method' must be one of opd, sft, rl"),
+    ("method: dpo\n", "field 'method' must be one of opd, opsd, sft, rl"),
     ("run: 3\n", "field 'run' must be a mapping"),
     ("optim:\n  lr: [1\n", "not valid YAML"),
     ("- a\n- b\n", "top level must be a mapping"),

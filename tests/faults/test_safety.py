@@ -184,7 +184,9 @@ def scan(source: str) -> list[str]:
                     "yaml.unsafe_load", "yaml.full_load", "marshal.loads", "dill.load", "joblib.load"}:
             problems.append(f"line {line}: {name}")
         if name.split(".")[-1] == "from_pretrained" and name.split(".")[0].startswith("Auto"):
-            if name.startswith("AutoModel") and _kw(call, "use_safetensors") is not True:
+            # GGUF files hold raw tensors, not pickles: a gguf_file= load is the other safe form.
+            if name.startswith("AutoModel") and _kw(call, "use_safetensors") is not True \
+                    and _kw(call, "gguf_file") is None:
                 problems.append(f"line {line}: {name} without use_safetensors=True")
             if _kw(call, "trust_remote_code") is None:  # unset = transformers asks on stdin
                 problems.append(f"line {line}: {name} without an explicit trust_remote_code")

@@ -39,7 +39,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("bogus: 1\n", "unknown field 'bogus'"),
         ("optim:\n  lr: -1\n", "'optim.lr' must be positive"),
         ("loss:\n  beta: 1.5\n", "'loss.beta' must be in [0, 1]"),
-        ("method: ppo\n", "'method' must be one of opd, sft, rl"),
+        ("method: ppo\n", "'method' must be one of opd, opsd, sft, rl"),
         ("run:\n  steps: ten\n", "'run.steps' must be an integer"),
         ("run:\n  steps: 2.5\n", "'run.steps' must be an integer"),
         ("run:\n  tensorboard: 1\n", "'run.tensorboard' must be true or false"),

@@ -11,8 +11,8 @@ FAMILIES = ["addition", "addition3", "sort", "reverse"]
 
 
 def test_names_and_unknown_task_lists_known_names() -> None:
-    assert task_names() == ["addition", "addition3", "sort", "reverse", "mix"]
-    with pytest.raises(UserError, match="known tasks: addition, addition3, sort, reverse, mix"):
+    assert task_names() == ["addition", "addition3", "sort", "reverse", "mix", "chat-addition", "chat-subtraction"]
+    with pytest.raises(UserError, match="known tasks: addition, addition3, sort, reverse, mix, chat-addition"):
         get_task("division")
 
 

@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # |Δ| < ε curve (absolute) and |Δ| < τ·rms(W) curve (relative to the tensor's scale).
@@ -70,7 +72,8 @@ def sparsity_counts(delta: torch.Tensor, rms_source: float) -> dict[str, float]:
 
 
 def sparsity_ratios(sums: dict[str, float]) -> dict[str, float]:
-    """Ratios from summed counts (one tensor or a group): needs `numel` and the count keys."""
+    """Ratios from summed counts (one tensor or a group): needs `numel` and the count keys
+    (`source_zero`, the exact zeros of W, is optional: NaN without it)."""
     n = sums["numel"]
     out = {
         "sparsity": 1.0 - sums["changed"] / n,
@@ -80,4 +83,6 @@ def sparsity_ratios(sums: dict[str, float]) -> dict[str, float]:
         out[f"frac_below_eps_{fmt(e)}"] = sums[f"n_below_eps_{fmt(e)}"] / n
     for t in TAUS:
         out[f"frac_below_rms_{fmt(t)}"] = sums[f"n_below_rms_{fmt(t)}"] / n
+    # Share of the *source* coordinates that are exactly 0 (in the analysis dtype), numel-weighted.
+    out["base_exact_zero_fraction"] = sums["source_zero"] / n if "source_zero" in sums else math.nan
     return out

@@ -40,6 +40,10 @@ _CANONICAL_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^model\.connector\."), "connector."),
 ]
 
+# Written by opdlab.models.gguf next to a dequantized GGUF model (same name as its GGUF_INFO_FILE;
+# read here as plain JSON so the analysis does not depend on the model-loading code).
+GGUF_INFO_FILE = "opdlab_gguf.json"
+
 _VOCAB_NAMES = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|output)\.weight$")
 
 
@@ -158,6 +162,32 @@ class Checkpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
+
+
+def source_format(ck: Checkpoint) -> dict | None:
+    """Where a checkpoint's weights came from, when that bears on reading its sparsity; else None.
+
+    Today: a folder dequantized from a GGUF file (it holds `opdlab_gguf.json`) gives
+    {"kind": "gguf", "tensor_types": {"Q4_1": 210, ...}, "source": "<.gguf path>"}. The file is
+    looked for in the folder `ck` was opened from and in the folders of its safetensors files.
+    """
+    folders = ([ck.path] if ck.path.is_dir() else []) + [f.parent for f in ck.files]
+    for folder in dict.fromkeys(folders):
+        info_file = folder / GGUF_INFO_FILE
+        if not info_file.is_file():
+            continue
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            info = None
+        types = info.get("tensor_types") if isinstance(info, dict) else None
+        if not isinstance(types, dict):
+            raise UserError(f"{info_file}: not a valid GGUF record (needs a 'tensor_types' object); "
+                            "delete the folder to convert the .gguf file again")
+        source = info.get("source")
+        return {"kind": "gguf", "tensor_types": {str(k): v for k, v in types.items()},
+                "source": source if isinstance(source, str) else None}
+    return None
 
 
 @dataclass

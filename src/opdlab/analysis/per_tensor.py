@@ -2,8 +2,8 @@
 
 `analyze_tensor` reads W and W' in row blocks (whole, for all but the largest tensors) and
 makes three passes over them; a tensor that fits in one block is read once and kept:
-  A. ΣW², ΣΔ², the fp64 Grams G = WᵀW, C = WᵀΔ, D = ΔᵀΔ of the tall frame (2-D tensors),
-     and pass 1 of the exact selections (low-magnitude mask, coordinate energy);
+  A. ΣW², ΣΔ², the count of exact zeros in W, the fp64 Grams G = WᵀW, C = WᵀΔ, D = ΔᵀΔ of the
+     tall frame (2-D tensors), and pass 1 of the exact selections (low-magnitude mask, coordinate energy);
   —  then one eigendecomposition each of G and G' = G + C + Cᵀ + D serves every ρ, and
      eigvalsh(D) gives the exact spectrum of Δ;
   B. sparsity counts (they need rms(W) of the whole tensor), pass 2 of those selections,
@@ -100,7 +100,8 @@ def analyze_tensor(spec: TensorSpec, exact_svd_max: int = 1024, device: str = "c
                 cache.append((w, d))
             yield w, d
 
-    sums: dict[str, float] = {"numel": float(numel), "source_sq": 0.0, "delta_sq": 0.0}
+    # source_zero: exactly-zero coordinates of W in the analysis dtype (dequantized GGUF bases have ~none).
+    sums: dict[str, float] = {"numel": float(numel), "source_sq": 0.0, "delta_sq": 0.0, "source_zero": 0.0}
     low_ks = [mask_size(numel, r) for r in RHOS]
     coord_ks = [coord_k(numel, p) for p in COORD_PERCENTS]
     low_sel = TopKSum(low_ks, largest=False)
@@ -116,6 +117,7 @@ def analyze_tensor(spec: TensorSpec, exact_svd_max: int = 1024, device: str = "c
         if gram_w is None:  # 2-D tensors take ΣW², ΣΔ² from the Grams' traces
             for k, v in size_sums(w, d).items():
                 sums[k] += v
+        sums["source_zero"] += float((w == 0).sum())
         low_sel.add_pass1(w.abs(), d != 0)
         nz = d[d != 0]
         coord_sel.add_pass1(nz.abs(), nz * nz)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from opdlab.analysis.blocks import FLOAT_DTYPES, read_rows, tensor_info
-from opdlab.analysis.pairs import Checkpoint, match_tensors
+from opdlab.analysis.pairs import Checkpoint, match_tensors, source_format
 from opdlab.analysis.per_tensor import BLOCK_ELEMS, TensorResult, TensorSpec, analyze_tensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -32,6 +32,7 @@ class OpenedPair:
     specs: list[TensorSpec]
     skipped: list[str] = field(default_factory=list)  # mismatched or non-float tensors, with the reason
     fp32: bool = False  # whether the precision control has fp32 weights of both sides
+    base_format: dict | None = None  # pairs.source_format of the base (e.g. a dequantized GGUF), else None
 
 
 def _reader(a: Checkpoint, b: Checkpoint, name: str, dtype: torch.dtype):  # noqa: ANN202 - closure
@@ -79,7 +80,7 @@ def open_pair(base: str | Path, tuned: str | Path, dtype: str, skip_mismatched: 
             shape[0] = matching.rows[name]
         read32 = _reader(b32, t32, name, torch.float32) if b32 is not None and t32 is not None else None
         specs.append(TensorSpec(name, tuple(shape), _reader(b, t, name, torch_dtype), read32))
-    return OpenedPair(b, t, specs, skipped, fp32=b32 is not None)
+    return OpenedPair(b, t, specs, skipped, fp32=b32 is not None, base_format=source_format(b))
 
 
 def _return_freed_memory() -> None:

@@ -2,7 +2,7 @@
 
 Schemas (stable names, documented key by key in docs/analysis.md):
   analysis.json  {"schema": 1, "base", "tuned", "dtype", "fp32_precision_control", "exact_svd_max",
-                  "skipped", "summary": {…}, "groups": {"layer": […], "module": […], "block": […]}}
+                  "skipped", ["base_format",] "summary": {…}, "groups": {"layer": […], "module": […], "block": […]}}
   tensors.csv    one row per tensor pair (see aggregate.tensor_rows)
   groups_<kind>.csv  the group tables as CSV
   spectra.safetensors  singular values of each 2-D Δ, keyed by tensor name

@@ -20,6 +20,9 @@ Families:
   sort      `sort:dbca` (3–6 letters a–h, repeats allowed) -> the letters in order, `abcd`.
   reverse   `rev:abcde` (3–6 letters a–h) -> the letters backwards, `edcba`.
   mix       a uniform mixture of the families above (each example keeps its own `task`).
+  chat-addition / chat-subtraction
+            `What is 71 - 40? Reply with just the number.` -> `31`: two-digit arithmetic in words
+            for pretrained chat models; correct when the completion's last integer is the answer.
 
 Train and eval splits are disjoint: a problem instance belongs to `eval` when a stable hash
 of its prompt falls in one fifth of the hash range, so no eval prompt is ever trained on.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
@@ -182,7 +186,45 @@ class MixTask:
         return get_task(example.task).is_correct(completion, example)
 
 
-_ALL: dict[str, Task] = {**FAMILIES, "mix": MixTask()}
+@dataclass(frozen=True)
+class ChatArithmeticTask:
+    """Two-digit arithmetic asked in words, for pretrained chat models (`opdlab demo --real`).
+
+    `What is 71 - 40? Reply with just the number.` -> `31`. Chat models answer in their own
+    words ("71 - 40 = 31"), so the checker reads the *last* integer in the completion.
+    Subtraction keeps the larger operand first, so answers are never negative.
+    """
+
+    name: str
+    op: str  # "+" or "-"
+
+    def draw(self, rng: random.Random) -> tuple[str, str]:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if self.op == "-":
+            a, b = max(a, b), min(a, b)
+        answer = a + b if self.op == "+" else a - b
+        return f"What is {a} {self.op} {b}? Reply with just the number.", str(answer)
+
+    def examples(self, n: int, seed: int, split: Split) -> list[Example]:
+        return _sample_split(self.name, self.draw, n, seed, split)
+
+    def is_correct(self, completion: str, example: Example) -> bool:
+        return last_integer(completion) == example.answer.strip()
+
+
+def last_integer(text: str) -> str | None:
+    """The last integer written in `text` ("71 - 40 = 31." -> "31"), None if there is none."""
+    found = re.findall(r"-?\d+", text.replace(",", ""))
+    return found[-1].lstrip("+") if found else None
+
+
+# Tasks for pretrained chat models; not part of `mix` (the tiny pairs' training mixture).
+CHAT_TASKS: dict[str, Task] = {
+    "chat-addition": ChatArithmeticTask(name="chat-addition", op="+"),
+    "chat-subtraction": ChatArithmeticTask(name="chat-subtraction", op="-"),
+}
+
+_ALL: dict[str, Task] = {**FAMILIES, "mix": MixTask(), **CHAT_TASKS}
 
 
 def task_names() -> list[str]:

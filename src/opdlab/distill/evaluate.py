@@ -22,7 +22,7 @@ import torch
 from opdlab.data.tasks import get_task
 from opdlab.data.visual_tasks import get_visual_task, visual_task_names
 from opdlab.distill.losses import log_softmax_chunked, reverse_kl
-from opdlab.distill.rollout import Rollout, completion_logits, roll_out, score
+from opdlab.distill.rollout import Rollout, completion_logits, roll_out, score, with_prompts
 from opdlab.distill.vlm import VisualRollout, roll_out_visual, rollout_logits, score_visual
 
 
@@ -46,11 +46,16 @@ def rollout_correct(completions: Sequence[str], examples: Sequence[Any]) -> torc
 
 
 @torch.no_grad()
-def mean_reverse_kl(student: Any, teacher: Any, batch: Rollout, vocab_size: int, chunk: int) -> tuple[float, int]:
-    """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one rollout batch."""
+def mean_reverse_kl(
+    student: Any, teacher: Any, batch: Rollout, vocab_size: int, chunk: int, teacher_batch: Rollout | None = None,
+) -> tuple[float, int]:
+    """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one rollout batch.
+
+    `teacher_batch`: the teacher's view of the same completions (default `batch` itself).
+    """
     mask = batch.mask_BC
     logp_s = log_softmax_chunked(completion_logits(student, batch, vocab_size), chunk, mask)
-    logp_t = log_softmax_chunked(score(teacher, batch, vocab_size), chunk, mask)
+    logp_t = log_softmax_chunked(score(teacher, teacher_batch or batch, vocab_size), chunk, mask)
     return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
 
 
@@ -65,13 +70,23 @@ def evaluate(
     batch_size: int,
     vocab_size: int,
     chunk: int,
+    teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
-    """Greedy accuracy (overall and per task) and per-token reverse KL on held-out prompts."""
+    """Greedy accuracy (overall and per task) and per-token reverse KL on held-out prompts.
+
+    `teacher_prompt_ids` (method opsd): the teacher scores each greedy answer behind its own,
+    privileged prompt instead of the student's.
+    """
+    def kl(batch: Rollout, a: int) -> tuple[float, int]:
+        view = batch if teacher_prompt_ids is None else \
+            with_prompts(batch, teacher_prompt_ids[a:a + batch_size], tokenizer.pad_token_id)
+        return mean_reverse_kl(student, teacher, batch, vocab_size, chunk, view)
+
     return _greedy_eval(
         student, examples, batch_size,
         lambda a, b: roll_out(student, tokenizer, prompt_ids[a:b], examples[a:b],
                               samples=1, max_new_tokens=max_new_tokens, greedy=True),
-        lambda batch: mean_reverse_kl(student, teacher, batch, vocab_size, chunk),
+        kl,
     )
 
 
@@ -80,10 +95,10 @@ def _greedy_eval(
     examples: Sequence[Any],
     batch_size: int,
     roll: Callable[[int, int], Any],
-    kl: Callable[[Any], tuple[float, int]],
+    kl: Callable[[Any, int], tuple[float, int]],
 ) -> dict[str, float]:
     """The evaluation loop both model kinds share: greedy batches of `examples[a:b]` from `roll`,
-    summed reverse KL from `kl`, in eval mode and without touching the training RNG."""
+    summed reverse KL from `kl(batch, a)`, in eval mode and without touching the training RNG."""
     with torch.random.fork_rng(devices=[]):
         was_training = student.training
         student.eval()
@@ -93,7 +108,7 @@ def _greedy_eval(
             for start in range(0, len(examples), batch_size):
                 batch = roll(start, start + batch_size)
                 completions.extend(batch.completions)
-                s, n = kl(batch)
+                s, n = kl(batch, start)
                 kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
         finally:
             student.train(was_training)
@@ -128,7 +143,7 @@ def evaluate_visual(
         student, examples, batch_size,
         lambda a, b: roll_out_visual(student, processors, examples[a:b], samples=1,
                                      max_new_tokens=max_new_tokens, greedy=True),
-        lambda batch: mean_reverse_kl_visual(student, teacher, batch, vocab_size, chunk),
+        lambda batch, _: mean_reverse_kl_visual(student, teacher, batch, vocab_size, chunk),
     )
 
 

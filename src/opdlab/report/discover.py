@@ -36,7 +36,15 @@ MARKERS = ("metrics.jsonl", "analysis.json", "compare.json", "subnetwork.json", 
 _SKIP_DIRS = {"checkpoints", "final", "final-fp32", "figures", "__pycache__", "node_modules"}
 # Demo sub-folders whose name adds nothing to a run's name ("runs/opd" -> "opd").
 _GROUP_DIRS = {"runs", "analysis", "analyses", "compare", "compares", "experiments"}
-METHODS = ("opd", "sft", "rl")
+METHODS = ("opd", "sft", "rl")  # the methods the findings compare
+# Method labels a run or analysis may carry, and the finding method each counts as: opsd (on-policy
+# self-distillation, the teacher being the frozen source shown privileged context) is OPD with a self-teacher.
+METHOD_FAMILY = {"opd": "opd", "opsd": "opd", "sft": "sft", "rl": "rl"}
+
+
+def method_family(label: str | None) -> str | None:
+    """The METHODS entry a method label counts as ('opsd' -> 'opd'); None for unknown labels."""
+    return METHOD_FAMILY.get(label) if isinstance(label, str) else None
 
 
 @dataclass
@@ -63,7 +71,11 @@ class Analysis:
     data: dict[str, Any]
     tensors: list[dict[str, Any]]
     pngs: list[Path]
-    method: str | None = None
+    method: str | None = None  # label as recorded (opd, opsd, sft, rl); `family` is what the findings use
+
+    @property
+    def family(self) -> str | None:
+        return method_family(self.method)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -197,9 +209,9 @@ def read_analysis(path: Path, name: str) -> Analysis:
 
 
 def method_from_name(name: str) -> str | None:
-    """'opd', 'sft' or 'rl' when exactly one of them is a word of `name` ('analysis/opd-lr1e-6' -> 'opd')."""
+    """'opd', 'opsd', 'sft' or 'rl' when exactly one of them is a word of `name` ('analysis/opd-lr1e-6' -> 'opd')."""
     words = set(re.split(r"[^a-z0-9]+", name.lower()))
-    hits = [m for m in METHODS if m in words]
+    hits = [m for m in METHOD_FAMILY if m in words]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -215,15 +227,15 @@ def _run_config_method(tuned: str, analysis_dir: Path, root: Path) -> str | None
                 except (yaml.YAMLError, OSError, UnicodeDecodeError):
                     return None
                 method = loaded.get("method") if isinstance(loaded, dict) else None
-                return method if method in METHODS else None
+                return method if method in METHOD_FAMILY else None
     return None
 
 
 def analysis_method(a: Analysis, root: Path) -> str | None:
-    """Which training method produced the tuned side of an analysis, from (in order):
-    `analysis.json`'s optional "method", the tuned run folder's config.yaml, the folder name."""
+    """Which training method (a METHOD_FAMILY label) produced the tuned side of an analysis, from (in
+    order): `analysis.json`'s optional "method", the tuned run folder's config.yaml, the folder name."""
     explicit = a.data.get("method")
-    if explicit in METHODS:
+    if explicit in METHOD_FAMILY:
         return str(explicit)
     tuned = a.data.get("tuned")
     if isinstance(tuned, str) and tuned:
@@ -343,14 +355,15 @@ def main_analyses(found: Found) -> list[Analysis]:
 def primary_analysis(found: Found) -> Analysis | None:
     """The analysis the per-model claims are measured on: the OPD one in the study's dtype (bf16).
 
-    Preference: method opd and dtype bf16, then method opd, then (when the folder holds a
-    single bf16 analysis, whatever its method) that one; shortest name breaks ties.
+    Preference: OPD (method opd, or opsd: OPD with a self-teacher) and dtype bf16, then OPD in
+    any dtype, then (when the folder holds a single bf16 analysis, whatever its method) that one.
+    Ties: plain opd before opsd (the study's method), then the shortest name.
     """
     cands = main_analyses(found)
-    for pick in (lambda a: a.method == "opd" and a.dtype == "bf16", lambda a: a.method == "opd"):
+    for pick in (lambda a: a.family == "opd" and a.dtype == "bf16", lambda a: a.family == "opd"):
         hits = [a for a in cands if pick(a)]
         if hits:
-            return min(hits, key=lambda a: (len(a.name), a.name))
+            return min(hits, key=_opd_order)
     # No OPD label: a folder with a single analysis (plus perhaps its fp32 twin) is measured as it is.
     bf16 = [a for a in cands if a.dtype != "fp32"]
     if len(bf16) == 1:
@@ -369,12 +382,17 @@ def companion_fp32(found: Found, a: Analysis) -> Analysis | None:
     return None
 
 
+def _opd_order(a: Analysis) -> tuple[int, int, str]:
+    return (0 if a.method == "opd" else 1, len(a.name), a.name)
+
+
 def method_analyses(found: Found) -> dict[str, Analysis]:
-    """One bf16 analysis per training method (opd / sft / rl) among the main analyses."""
+    """One bf16 analysis per finding method (opd / sft / rl; an opsd analysis counts as opd) among the
+    main analyses."""
     out: dict[str, Analysis] = {}
-    for a in sorted(main_analyses(found), key=lambda a: (len(a.name), a.name)):
-        if a.method in METHODS and a.dtype == "bf16" and a.method not in out:
-            out[a.method] = a
+    for a in sorted(main_analyses(found), key=_opd_order):
+        if a.family in METHODS and a.dtype == "bf16" and a.family not in out:
+            out[a.family] = a
     return out
 
 
@@ -388,4 +406,5 @@ def findings_inputs(found: Found) -> FindingInputs:
         analysis_fp32=fp32.data if fp32 else None,
         tensors=main.tensors if main else [],
         by_method={m: a.data for m, a in method_analyses(found).items()},
+        method_labels={m: a.method for m, a in method_analyses(found).items() if a.method and a.method != m},
         subnetwork=found.subnetwork, optimizers=found.optimizers, lr_sweep=found.lr_sweep)

@@ -18,6 +18,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from opdlab.report.source_format import gguf_clause, zero_fraction
+
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "does not hold", "inconclusive", "not measured"
 
 # (1) small and coordinate-sparse (bf16 checkpoints, atol 0, as in the study)
@@ -96,6 +98,7 @@ class FindingInputs:
     analysis_fp32: dict[str, Any] | None = None     # same pair analysed in fp32
     tensors: list[dict[str, Any]] = field(default_factory=list)  # main tensors.csv rows
     by_method: dict[str, dict[str, Any]] = field(default_factory=dict)  # "opd"/"sft"/"rl" -> analysis.json
+    method_labels: dict[str, str] = field(default_factory=dict)  # e.g. {"opd": "opsd"}: the label shown for a slot
     subnetwork: dict[str, Any] | None = None
     optimizers: dict[str, Any] | None = None
     lr_sweep: dict[str, Any] | None = None
@@ -192,6 +195,10 @@ def precision_caveat(summary: dict[str, Any], fp32_summary: dict[str, Any] | Non
     return text, vals
 
 
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
 def _lr_sweep_note(lr_sweep: dict[str, Any] | None) -> str:
     points = sorted((p for p in (lr_sweep or {}).get("points") or [] if num(p.get("lr")) is not None),
                     key=lambda p: p["lr"])
@@ -226,8 +233,10 @@ def claim_sparse(inp: FindingInputs) -> Finding:
         control += f"; same run in fp32: {fmt(vals['sparsity_fp32'], True)}"
     return Finding(1, CLAIMS[1], verdict,
                    f"bf16 sparsity {fmt(s, True)} (|Δ| ≤ 1e-5: {fmt(s5, True)}); ‖Δ‖/‖W‖ = {fmt(r)}",
-                   control, rule, caveat + _lr_sweep_note(inp.lr_sweep), inp.analysis_name,
-                   {"sparsity": s, "sparsity_atol_1e-05": s5, "relative_update_norm": r, "sft_sparsity": sft, **vals})
+                   control, rule, _join(caveat + _lr_sweep_note(inp.lr_sweep), gguf_clause(inp.analysis)),
+                   inp.analysis_name,
+                   {"sparsity": s, "sparsity_atol_1e-05": s5, "relative_update_norm": r, "sft_sparsity": sft,
+                    "base_exact_zero_fraction": zero_fraction(inp.analysis), **vals})
 
 
 def _is_layer_index(x: Any) -> bool:
@@ -369,8 +378,9 @@ def claim_near_zero(inp: FindingInputs) -> Finding:
     return Finding(7, CLAIMS[7], _band(enr, lambda v: v >= LOW_MAG_HOLDS_MIN, lambda v: v <= LOW_MAG_FAILS_MAX),
                    f"bf16 low-magnitude enrichment {fmt(enr)} (fp32: {fmt(fp32)})",
                    "chance: enrichment 1 (updates land on the smallest 10 % of |W| as often as anywhere)",
-                   rule, caveat, inp.analysis_name,
-                   {"low_magnitude_enrichment": enr, "low_magnitude_enrichment_fp32": fp32, **vals})
+                   rule, _join(caveat, gguf_clause(inp.analysis)), inp.analysis_name,
+                   {"low_magnitude_enrichment": enr, "low_magnitude_enrichment_fp32": fp32,
+                    "base_exact_zero_fraction": zero_fraction(inp.analysis), **vals})
 
 
 # ----------------------------------------------------------------------------- claims 3, 4 (experiments)
@@ -546,7 +556,10 @@ def claim_on_policy(inp: FindingInputs) -> Finding:
     def raw(m: str, k: str) -> str:
         v = sig.get(m, {}).get(k)
         return "n/a" if v is None else fmt(v, True) if k == "sparsity" else fmt(math.exp(v))
-    measured = "; ".join(f"{label}: " + " / ".join(f"{m} {raw(m, k)}" for m in ("opd", "sft", "rl") if m in sig)
+    def shown_as(m: str) -> str:
+        return inp.method_labels.get(m, m)
+    measured = "; ".join(f"{label}: " + " / ".join(f"{shown_as(m)} {raw(m, k)}" for m in ("opd", "sft", "rl")
+                                                   if m in sig)
                          for k, label in shown.items())
     vals: dict[str, Any] = {"signatures": sig, "closer_to_rl": {}}
     if not {"sft", "rl"} <= set(sums):

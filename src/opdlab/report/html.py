@@ -26,6 +26,7 @@ from opdlab.report import figures_runs as F
 from opdlab.report.discover import Analysis, Found, companion_fp32, main_analyses, primary_analysis
 from opdlab.report.findings import (Finding, closeness, fmt, group_rows, num, precision_caveat,
                                     second_moment_by_method, subnetwork_arms)
+from opdlab.report.source_format import fine_pct, gguf_note, zero_fraction
 
 VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "inconclusive",
                  "not measured": "unmeasured"}
@@ -113,9 +114,16 @@ def precision_section(found: Found, rows: list[Finding], figs: _Figures) -> Sect
     if main is not None:
         fp32 = companion_fp32(found, main)
         _, vals = precision_caveat(main.summary, fp32.summary if fp32 else None)
-        sec.tables.append(Table(["analysis", "sparsity bf16", "sparsity fp32", "update < ½ ULP", "rounding share"],
+        # Exact zeros of the base weights: ~0 for a dequantized GGUF base (it sits on a quantization grid).
+        zeros = fine_pct(zero_fraction(main.data)) if zero_fraction(main.data) is not None else "n/a"
+        sec.tables.append(Table(["analysis", "sparsity bf16", "sparsity fp32", "update < ½ ULP", "rounding share",
+                                 "base exact zeros"],
                                 [[main.name] + [_pct(vals[k]) for k in ("sparsity_bf16", "sparsity_fp32",
-                                                                         "below_half_ulp_fraction", "rounding_share")]]))
+                                                                         "below_half_ulp_fraction", "rounding_share")]
+                                 + [zeros]]))
+        note = gguf_note(main.data, fp32.data if fp32 else None, main.name)
+        if note:
+            sec.notes.append(note)
     near_zero = next((r for r in rows if r.number == 7 and r.values), None)
     if near_zero is not None:
         sec.notes.append(f"Near-zero finding (claim 7): low-magnitude enrichment "

