@@ -204,3 +204,18 @@ def test_precision_control_with_fp32_run_folder(tmp_path):
     assert s["sparsity_fp32"] == pytest.approx(1 - (big + tiny) / total, abs=1e-12)
     assert s["rounded_away_fraction"] == pytest.approx(tiny / total, abs=1e-12)
     assert s["below_half_ulp_fraction"] == pytest.approx(1 - big / total, abs=1e-12)
+
+    # An fp32 analysis of the same run folder reads final-fp32/ (the tiny changes are there), and an
+    # fp32 mask / comparison likewise; casting final/ up to fp32 would have lost them.
+    out32 = tmp_path / "an32"
+    assert main(["analyze", str(tmp_path / "base"), str(run), "--out", str(out32), "--dtype", "fp32"]) == 0
+    s32 = json.loads((out32 / "analysis.json").read_text())["summary"]
+    assert s32["sparsity"] == pytest.approx(1 - (big + tiny) / total, abs=1e-12)
+    mask_file = tmp_path / "m32.safetensors"
+    assert main(["mask", str(tmp_path / "base"), str(run), "--out", str(mask_file), "--dtype", "fp32"]) == 0
+    assert sum(int(m.sum()) for m in load_file(str(mask_file)).values()) == big + tiny
+    cmp_dir = tmp_path / "cmp32"
+    assert main(["compare", str(tmp_path / "base"), str(run), str(run), "--out", str(cmp_dir), "--dtype", "fp32"]) == 0
+    cmp = json.loads((cmp_dir / "compare.json").read_text())
+    assert cmp["summary"]["jaccard"] == pytest.approx(1.0)
+    assert cmp["summary"]["density_a"] == pytest.approx((big + tiny) / total, abs=1e-12)

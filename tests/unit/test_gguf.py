@@ -309,3 +309,11 @@ def test_opsd_distills_a_gguf_student(tiny_gguf, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval/reverse_kl"] > 0  # same weights, privileged prompt
     assert (out / "final" / "model.safetensors").is_file()
+
+    # The GGUF file itself is a valid BASE for the analysis: it resolves to the same cached folder,
+    # and analysis.json records the dequantized source.
+    analysis = tmp_path / "analysis"
+    assert main(["analyze", str(path), str(out), "--out", str(analysis), "--dtype", "fp32"]) == 0
+    data = json.loads((analysis / "analysis.json").read_text())
+    assert data["base_format"]["kind"] == "gguf" and data["base_format"]["tensor_types"] == G.gguf_tensor_types(path) == {"F32": 21}
+    assert data["summary"]["sparsity"] < 1.0  # the student moved

@@ -33,7 +33,8 @@ class OverlapResult:
 def overlap_rows(base: str | Path, run_a: str | Path, run_b: str | Path, dtype: str, atol: float,
                  device: str = "cpu", skip_mismatched: bool = False, progress: bool = True) -> OverlapResult:
     """Per-tensor overlap counts of U_A = |A − base| > atol and U_B = |B − base| > atol."""
-    b, a, c = Checkpoint(base), Checkpoint(run_a), Checkpoint(run_b)
+    fp32 = dtype == "fp32"  # fp32 weights where they exist (a run's final-fp32/), as in analysis/stream.py
+    b, a, c = (Checkpoint(p, prefer_fp32=fp32) for p in (base, run_a, run_b))
     m_a = match_tensors(b, a, skip_mismatched=skip_mismatched)
     m_b = match_tensors(b, c, skip_mismatched=skip_mismatched)
     skipped = [f"{p} [run A]" for p in m_a.problems] + [f"{p} [run B]" for p in m_b.problems]

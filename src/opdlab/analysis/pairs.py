@@ -58,9 +58,16 @@ def canonical_name(name: str) -> str:
 def resolve_checkpoint_files(path: str | Path, prefer_fp32: bool = False) -> list[Path]:
     """The safetensors files that make up the checkpoint at `path` (see module docs).
 
-    With `prefer_fp32`, an opdlab run folder resolves to `final-fp32/` when it exists.
+    With `prefer_fp32`, an opdlab run folder resolves to `final-fp32/` when it exists. A `.gguf`
+    file, or the name of a shipped real model, resolves to its dequantized cached folder.
     """
+    from opdlab.models.gguf import SHIPPED, gguf_folder, is_gguf, shipped_gguf
+
+    if str(path) in SHIPPED and not Path(path).exists():
+        return resolve_checkpoint_files(gguf_folder(shipped_gguf(str(path)), "base"))
     p = Path(path)
+    if is_gguf(p) and p.is_file():
+        return resolve_checkpoint_files(gguf_folder(p, "base"))
     if not p.exists():
         raise UserError(f"{p}: no such file or folder; pass a model folder, a .safetensors file or an opdlab run folder")
     if p.is_file():

@@ -57,7 +57,9 @@ def open_pair(base: str | Path, tuned: str | Path, dtype: str, skip_mismatched: 
     `final-fp32/`, or the checkpoint itself when it is stored in fp32); when both exist,
     every spec also reads them.
     """
-    b, t = Checkpoint(base), Checkpoint(tuned)
+    # An fp32 analysis reads fp32 weights where they exist (an opdlab run's final-fp32/): casting a
+    # bf16 checkpoint up would measure bf16 storage, not the fp32 update.
+    b, t = Checkpoint(base, prefer_fp32=dtype == "fp32"), Checkpoint(tuned, prefer_fp32=dtype == "fp32")
     matching = match_tensors(b, t, skip_mismatched=skip_mismatched)
     skipped = list(matching.problems)
     names = []

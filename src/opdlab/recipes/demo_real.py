@@ -55,7 +55,7 @@ class RealPreset:
 
 REAL_PRESETS: dict[str, RealPreset] = {
     "quick": RealPreset(steps=12, prompts_per_step=8, num_eval=48, sgd=False),
-    "default": RealPreset(steps=32, prompts_per_step=8, num_eval=64, sgd=True),
+    "default": RealPreset(steps=32, prompts_per_step=8, num_eval=128, sgd=True),
     "full": RealPreset(steps=200, prompts_per_step=16, num_eval=200, sgd=True),
 }
 

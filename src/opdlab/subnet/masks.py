@@ -156,8 +156,9 @@ def extract_mask(
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    base_ck = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    tuned_ck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned)
+    fp32 = dtype == "fp32"  # an fp32 mask reads a run's final-fp32/ where it exists (analysis/stream.py)
+    base_ck = base if isinstance(base, Checkpoint) else Checkpoint(base, prefer_fp32=fp32)
+    tuned_ck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned, prefer_fp32=fp32)
     matching = match_tensors(base_ck, tuned_ck)
     masks: MaskDict = {}
     pairs = iter_pairs(base_ck, tuned_ck, DTYPES[dtype], matching)
