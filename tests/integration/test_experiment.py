@@ -77,3 +77,18 @@ def test_bad_experiment_settings_are_one_line_errors(tmp_path, capsys):
     assert main(["experiment", "optimizers", "--out", str(tmp_path / "x"), "--set", "sgd_lrs=[-1]"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sgd_lrs" in err
+
+
+def test_optimizer_experiment_keeps_self_distillation(pair, tmp_path):
+    """train.method=opsd stays opsd in every arm (the student is its own teacher; no --teacher needed)."""
+    out = tmp_path / "opt-opsd"
+    flat = _settings(pair, steps=1)
+    settings = [x for key, value in zip(flat[::2], flat[1::2]) if not value.startswith("train.model.teacher=")
+                for x in (key, value)]
+    extra = ["--set", "train.method=opsd", "--set", "adamw_lrs=[0.003]", "--set", "sgd_lrs=[0.1]",
+             "--set", "evidence_methods=[opd]"]
+    assert main(["experiment", "optimizers", "--out", str(out), *settings, *extra]) == 0
+    result = json.loads((out / "optimizers.json").read_text())
+    for row in result["sweep"]:
+        info = json.loads((Path(row["run_dir"]) / "run.json").read_text())
+        assert info["method"] == "opsd" and info["teacher"] == info["student"]

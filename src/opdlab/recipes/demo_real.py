@@ -15,13 +15,13 @@ distill/privileged.py). In `--out`:
   report/report.html   the findings with the measured numbers
 
 The task is `chat-subtraction` (`What is 71 - 40? Reply with just the number.`; correct when
-the last integer of the answer is right). Measured here: the source answers ~10 % of held-out
-questions, and ~70 % when the answer is in its prompt, so the privileged teacher knows
-something the student does not.
+the last integer of the answer is right). Measured here: the source answers 5.5 % of 128
+held-out questions greedily, and ~70 % of a 48-question probe when the answer is in its prompt,
+so the privileged teacher knows something the student does not.
 
 Where this deviates from the study, and why:
 1. 135 M parameters and tens of steps instead of billions and hundreds: a training step takes
-   ~6-12 s on 2 cores. At lr 1e-6 over so few steps accuracy barely moves; the teacher-student
+   ~7 s on 2 cores. At lr 1e-6 over so few steps accuracy barely moves; the teacher-student
    reverse KL is the signal that shows learning (docs/real.md has the measured run).
 2. The source weights are dequantized 4-bit values, not the bf16 release: see the report's
    note on the source weights, and compare bf16 with fp32 sparsity.
@@ -51,12 +51,13 @@ class RealPreset:
     prompts_per_step: int
     num_eval: int
     sgd: bool  # also train the SGD arm
+    estimate: str  # wall time on 2 cores, measured (docs/real.md) or estimated from step times
 
 
 REAL_PRESETS: dict[str, RealPreset] = {
-    "quick": RealPreset(steps=12, prompts_per_step=8, num_eval=48, sgd=False),
-    "default": RealPreset(steps=32, prompts_per_step=8, num_eval=128, sgd=True),
-    "full": RealPreset(steps=200, prompts_per_step=16, num_eval=200, sgd=True),
+    "quick": RealPreset(steps=12, prompts_per_step=8, num_eval=48, sgd=False, estimate="about 4 min (estimated from step times)"),
+    "default": RealPreset(steps=32, prompts_per_step=8, num_eval=128, sgd=True, estimate="12.6 min measured"),
+    "full": RealPreset(steps=200, prompts_per_step=16, num_eval=200, sgd=True, estimate="about 1.5 h (estimated from step times)"),
 }
 
 SGD_LR = 1e-3  # with momentum 0.9: per-coordinate updates about AdamW's at 1e-6 (docs/real.md)
@@ -88,7 +89,8 @@ def demo_real(cfg: DemoConfig) -> Path:
     if not (cfg.resume and out.is_dir()):
         prepare_out_dir(out, cfg.overwrite)
     manifest = Manifest(out, f"real-{cfg.preset}", cfg.resume)
-    print(f"opdlab demo --real ({cfg.preset}, {MODEL}, method opsd) -> {out}", flush=True)
+    print(f"opdlab demo --real ({cfg.preset}, {MODEL}, method opsd) -> {out}\n"
+          f"  on 2 CPU cores: {preset.estimate}; each stage prints its time, training bars their ETA", flush=True)
 
     print(f"  [source] {gguf.name}: dequantized into the cache on first use", flush=True)
     source = gguf_folder(gguf)

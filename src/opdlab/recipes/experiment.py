@@ -140,7 +140,7 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
 
     started = time.time()
     train = copy.deepcopy(cfg.train)
-    train.method = "opd"
+    train.method = "opsd" if train.method == "opsd" else "opd"  # self-distillation is OPD with its own teacher
     train.run.save_dtype = "both"
     full = full_run if full_run is not None else train_arm(train, out / "runs" / "full", progress=progress)
     source = source_of(full)
@@ -209,7 +209,7 @@ def run_optimizers(
 
     started = time.time()
     train = copy.deepcopy(cfg.train)
-    train.method = "opd"
+    train.method = "opsd" if train.method == "opsd" else "opd"  # self-distillation is OPD with its own teacher
     arms = [("adamw", lr, {"optim.optimizer": "adamw"}) for lr in cfg.adamw_lrs]
     arms += [("sgd", lr, {"optim.optimizer": "sgd", "optim.momentum": 0.0}) for lr in cfg.sgd_lrs]
     arms += [("sgd_momentum", lr, {"optim.optimizer": "sgd", "optim.momentum": cfg.sgd_momentum}) for lr in cfg.sgd_lrs]
