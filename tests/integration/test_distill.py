@@ -274,3 +274,18 @@ def test_learning_rate_schedules():
     assert [round(warm_cos(s), 6) for s in range(6)] == [round(x, 6) for x in (
         1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)))]
     assert [lr_lambda("constant", 0, 5)(s) for s in range(5)] == [1.0] * 5
+
+
+def test_run_threads_are_restored_after_training(tmp_path):
+    import torch
+
+    from opdlab.config import DistillConfig, load_config
+    from opdlab.distill.train import train
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    cfg = load_config(DistillConfig, None, {"run.steps": 1, "run.threads": wanted, "rollout.prompts_per_step": 2,
+                                            "rollout.samples_per_prompt": 1, "rollout.max_new_tokens": 4,
+                                            "data.num_eval": 2})
+    train(cfg, tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == before

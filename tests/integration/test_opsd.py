@@ -129,3 +129,4 @@ def test_opsd_refuses_a_vision_language_pair(tmp_path, capsys):
                  *SMALL]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "opsd" in err and "vision-language" in err
+

@@ -296,7 +296,18 @@ def accumulate_gradients(
 
 
 def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, progress: bool = True) -> Path:
-    """Run (or continue from `resume_from`, a checkpoint folder) and return `run_dir`."""
+    """Run (or continue from `resume_from`, a checkpoint folder) and return `run_dir`.
+
+    `run.threads` > 0 sets torch's thread count for the run; the caller's count is restored after.
+    """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, run_dir, resume_from, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None, progress: bool) -> Path:
     if cfg.run.tensorboard:
         require_tensorboard()
     if cfg.rollout.backend == "vllm":
