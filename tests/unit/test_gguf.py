@@ -22,8 +22,8 @@ from opdlab.errors import UserError
 from opdlab.models import gguf as G
 from opdlab.models.loading import resolve_model_dir
 
-HAS_GGUF = importlib.util.find_spec("gguf") is not None
-needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="optional: needs the 'gguf' package (pip install 'opdlab[real]')")
+HAS_GGUF = all(importlib.util.find_spec(name) is not None for name in G.GGUF_READER_PACKAGES)
+needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="optional: needs the 'gguf' and 'accelerate' packages (pip install 'opdlab[real]')")
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 32, 2, 4, 2, 64
@@ -96,12 +96,22 @@ def test_without_the_gguf_package_the_error_names_the_install_command(monkeypatc
     with pytest.raises(UserError) as info:
         G.require_gguf("--student m.gguf")
     message = str(info.value)
-    assert message.startswith("--student m.gguf: reading GGUF files needs the 'gguf' package; install it with ")
+    assert message.startswith("--student m.gguf: reading GGUF files needs the 'gguf' package; install with ")
     assert "pip install 'opdlab[real]'" in message and "\n" not in message
     file = tmp_path / "m.gguf"
     file.write_bytes(b"GGUF....")
     with pytest.raises(UserError, match=r"--student .*m\.gguf: reading GGUF files .*pip install 'opdlab\[real\]'"):
         resolve_model_dir(file, "student")
+
+
+@pytest.mark.parametrize("gone", [("accelerate",), ("gguf", "accelerate")])
+def test_transformers_gguf_reader_also_needs_accelerate(monkeypatch, gone):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in gone else real_find_spec(name, *a))
+    with pytest.raises(UserError) as info:
+        G.require_gguf("--student m.gguf")
+    named = " and ".join(repr(n) for n in gone)
+    assert f"needs the {named} package" in str(info.value) and "gguf accelerate" in str(info.value)
 
 
 def test_cli_reports_a_missing_gguf_package_in_one_line(monkeypatch, tmp_path, capsys):
@@ -185,7 +195,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> tuple[Path, object]:
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     if not HAS_GGUF:
-        pytest.skip("optional: needs the 'gguf' package (pip install 'opdlab[real]')")
+        pytest.skip("optional: needs the 'gguf' and 'accelerate' packages (pip install 'opdlab[real]')")
     torch.set_num_threads(1)
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 

