@@ -8,6 +8,7 @@ import math
 import pytest
 
 from opdlab.report import findings as F
+from opdlab.report import verdicts as V
 from opdlab.report.findings import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, FindingInputs, build_findings
 
 
@@ -120,10 +121,10 @@ def test_measured_values_come_from_the_data():
 
 def test_precision_caveat_and_rounding_share():
     # 80 % unchanged in bf16, 2 % in fp32: (0.80 - 0.02) / 0.80 = 97.5 % of the sparsity is rounding.
-    assert F.rounding_share(0.8, 0.02, 0.78) == pytest.approx(0.975)
-    assert F.rounding_share(0.8, None, 0.4) == pytest.approx(0.5)  # fallback: below-half-ULP share
-    assert F.rounding_share(0.8, None, None) is None
-    assert F.rounding_share(0.8, 0.02, 0.78, rounded_away=0.6) == pytest.approx(0.75)  # direct count wins
+    assert V.rounding_share(0.8, 0.02, 0.78) == pytest.approx(0.975)
+    assert V.rounding_share(0.8, None, 0.4) == pytest.approx(0.5)  # fallback: below-half-ULP share
+    assert V.rounding_share(0.8, None, None) is None
+    assert V.rounding_share(0.8, 0.02, 0.78, rounded_away=0.6) == pytest.approx(0.75)  # direct count wins
     row1, row7 = (r for r in build_findings(holding_inputs()) if r.number in (1, 7))
     for row in (row1, row7):
         assert "97.5%" in row.caveat and "fp32 2.0%" in row.caveat

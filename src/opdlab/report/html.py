@@ -24,8 +24,9 @@ from opdlab import __version__
 from opdlab.fileio import atomic_path, write_json, write_text
 from opdlab.report import figures_runs as F
 from opdlab.report.discover import Analysis, Found, companion_fp32, main_analyses, primary_analysis
-from opdlab.report.findings import (Finding, closeness, fmt, group_rows, num, precision_caveat,
-                                    second_moment_by_method, subnetwork_arms)
+from opdlab.report.claims_experiments import closeness, second_moment_by_method, subnetwork_arms
+from opdlab.report.findings import group_rows
+from opdlab.report.verdicts import Finding, fmt, num, precision_caveat
 from opdlab.report.source_format import fine_pct, gguf_note, zero_fraction
 
 VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "inconclusive",
