@@ -55,7 +55,8 @@ class RealPreset:
 
 
 REAL_PRESETS: dict[str, RealPreset] = {
-    "quick": RealPreset(steps=12, prompts_per_step=8, num_eval=48, sgd=False, estimate="3.1 min measured (model already converted)"),
+    "quick": RealPreset(steps=12, prompts_per_step=8, num_eval=48, sgd=False,
+                        estimate="3.1 min measured (model already converted)"),
     "default": RealPreset(steps=32, prompts_per_step=8, num_eval=128, sgd=True, estimate="12.6 min measured"),
     "full": RealPreset(steps=200, prompts_per_step=16, num_eval=200, sgd=True, estimate="about 1.5 h (estimated from step times)"),
 }
