@@ -246,8 +246,13 @@ def test_second_call_is_a_cache_hit_and_an_edited_file_gets_a_new_folder(tiny_gg
         raise AssertionError("converted again despite a cached folder")
 
     monkeypatch.setattr(G, "convert_gguf", no_conversion)
+    # A cache hit needs none of the GGUF reader's packages.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in G.GGUF_READER_PACKAGES else real_find_spec(name, *a))
     assert G.gguf_folder(path, cache=cache) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
     # The cache key is the file's content: a changed file is converted again, to another folder.
     edited = tmp_path / "edited" / path.name
     edited.parent.mkdir()

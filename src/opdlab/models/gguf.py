@@ -22,6 +22,7 @@ and `llama_cpp`, which opdlab does not need).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -83,6 +84,13 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def _file_hash(path: Path) -> str:
+    """sha256 of the file's bytes, computed once per (path, size, mtime) in a process."""
+    st = path.stat()
+    return _hash_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime key the cache only
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -97,11 +105,11 @@ def gguf_folder(path: str | Path, role: str = "student", cache: Path | None = No
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--{role} {path}: no such GGUF file")
-    require_gguf(f"--{role} {path}")
     digest = _file_hash(path)
     target = (cache or cache_dir()) / "gguf" / f"{path.stem}-{digest[:12]}"
     if _is_current(target):
-        return target
+        return target  # a cached conversion needs none of the GGUF reader's packages
+    require_gguf(f"--{role} {path}")
     with atomic_path(target) as tmp:
         convert_gguf(path, tmp, role)
         write_json(tmp / GGUF_INFO_FILE, {"source": str(path), "sha256": digest, "converter": CONVERTER_VERSION,
