@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished stages")
     p.add_argument("--vlm", action="store_true", default=None, help="run the study on the built-in vision-language pair")
     p.add_argument("--real", action="store_true", default=None,
-                   help="self-distill a real pretrained model, SmolLM2-135M-Instruct (needs opdlab[real]; ~20 min)")
+                   help="self-distill a real pretrained model, SmolLM2-135M-Instruct (needs opdlab[real]; ~13 min)")
 
     p = sub.add_parser("distill", help="train: method opd | opsd | sft | rl")
     p.add_argument("--config", default=None, help="YAML config file (flags override it)")

@@ -338,7 +338,7 @@ class DemoConfig:
     """`opdlab demo`: the whole study on the built-in pair.
 
     Fields:
-      preset: quick (about 3 min), default (about 10 min) or full (longer, more faithful).
+      preset: quick (about 3 min), default (about 6 min; with real about 13 min) or full (longer, more faithful).
       out: demo folder.
       overwrite: replace a non-empty demo folder.
       resume: continue an interrupted demo in `out`, skipping finished stages.

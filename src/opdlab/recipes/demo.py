@@ -1,6 +1,6 @@
 """`opdlab demo`: the whole study at small scale on the built-in pair, offline, on CPU.
 
-    opdlab demo             # default preset (about 10 min on 2 cores)
+    opdlab demo             # default preset (about 6 min on 2 cores)
     opdlab demo --quick     # a first look (about 3 min)
     opdlab demo --full      # longer runs, wider sweeps
     opdlab demo --resume    # continue an interrupted demo; finished stages are kept
