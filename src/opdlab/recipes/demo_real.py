@@ -121,18 +121,13 @@ def demo_real(cfg: DemoConfig) -> Path:
 
 def optimizer_comparison(runs: dict[str, Path], base: DistillConfig, out: Path) -> Path:
     """optimizers.json from the AdamW and SGD runs (one lr each), with AdamW's second-moment spread."""
-    from opdlab.recipes.experiment import _adam_state, final_eval
-    from opdlab.subnet.evidence import second_moment_spread
+    from opdlab.recipes.experiment import adam_evidence, final_eval
 
     sweep: list[dict[str, Any]] = []
     for name, optimizer, lr in (("opsd", "adamw", base.optim.lr), ("opsd-sgd", "sgd_momentum", SGD_LR)):
         sweep.append({"optimizer": optimizer, "lr": lr, "run_dir": str(runs[name].resolve()), **final_eval(runs[name])})
-    evidence: dict[str, Any] = {}
-    loaded = _adam_state(runs["opsd"])
-    if loaded is not None:
-        spread = second_moment_spread(*loaded)
-        evidence["opd"] = {"run_dir": str(runs["opsd"]), "lr": base.optim.lr, "median_cv": spread["median"],
-                           "mean_cv": spread["mean"], "per_tensor": spread["per_tensor"]}
+    adam = adam_evidence(runs["opsd"])
+    evidence = {"opd": adam} if adam is not None else {}
     return write_json(out / "optimizers.json", {
         "schema": 1, "kind": "optimizers", "num_eval": base.data.num_eval, "sweep": sweep,
         "best": {row["optimizer"]: row for row in sweep}, "second_moment_cv": evidence,

@@ -197,6 +197,19 @@ def _adam_state(run_dir: Path) -> tuple[dict, list[str]] | None:
     return state, list(meta.get("param_names", []))
 
 
+def adam_evidence(run_dir: Path) -> dict[str, Any] | None:
+    """optimizers.json's "second_moment_cv" row for a finished AdamW run (None without Adam state)."""
+    from opdlab.subnet.evidence import second_moment_spread
+
+    loaded = _adam_state(run_dir)
+    if loaded is None:
+        return None
+    spread = second_moment_spread(*loaded)
+    lr = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
+    return {"run_dir": str(run_dir), "lr": lr, "median_cv": spread["median"], "mean_cv": spread["mean"],
+            "per_tensor": spread["per_tensor"]}
+
+
 def run_optimizers(
     cfg: ExperimentConfig, out: Path, progress: bool = True, evidence_runs: dict[str, Path] | None = None
 ) -> Path:
@@ -205,8 +218,6 @@ def run_optimizers(
     `evidence_runs` maps a method to a finished AdamW run of it to read the second moment from
     (the demo passes its main opd/sft/rl runs); other methods are trained at AdamW's best lr.
     """
-    from opdlab.subnet.evidence import second_moment_spread
-
     started = time.time()
     train = copy.deepcopy(cfg.train)
     train.method = "opsd" if train.method == "opsd" else "opd"  # self-distillation is OPD with its own teacher
@@ -236,13 +247,9 @@ def run_optimizers(
         else:
             run_dir = train_arm(train, out / "runs" / f"evidence-{method}", {"method": method, "optim.optimizer": "adamw",
                                                                            "optim.lr": best_lr}, progress)
-        loaded = _adam_state(run_dir)
-        if loaded is None:
-            continue
-        spread = second_moment_spread(*loaded)
-        lr_used = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
-        evidence[method] = {"run_dir": str(run_dir), "lr": lr_used, "median_cv": spread["median"],
-                            "mean_cv": spread["mean"], "per_tensor": spread["per_tensor"]}
+        row = adam_evidence(run_dir)
+        if row is not None:
+            evidence[method] = row
     result = {"schema": 1, "kind": "optimizers", "num_eval": train.data.num_eval, "sweep": sweep, "best": best,
               "second_moment_cv": evidence, "seconds": round(time.time() - started, 1)}
     return write_json(out / "optimizers.json", result)
