@@ -5,8 +5,9 @@ processor renders prompt + completion as *one* unpadded text (so it makes every 
 input for the full sequence itself) and the model runs a default forward. The scoring pass
 instead starts from left-padded prompt inputs and appends completion tokens, so any input it
 fails to rebuild (positions, type ids) shows up as a logit error. Tolerance 1e-5: the known
-bugs (NOTES.md) give errors of ~1e-4 to ~1e-2, and the negative controls below check that
-each of them is caught at this tolerance with these very models.
+bugs (positions not rebuilt, completions inside a bidirectional prefix) give errors of ~1e-4 and
+more, and the negative controls below check that each of them is caught at this tolerance with
+these very models.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def test_qwen2_vl_refuses_scoring_without_type_ids(examples):
         with torch.no_grad():
             naive = model(**kw, use_cache=False).logits[:, prompt.prompt_len - 1 : -1]
     except Exception:
-        return  # NOTES.md: Qwen2-VL raises without mm_token_type_ids
+        return  # Qwen2-VL raises without mm_token_type_ids, which is the bug made visible
     right = completion_logits(model, prompt, ids_BC, mask_BC)
     assert (naive - right)[mask_BC.bool()].abs().max() > 20 * ATOL
 

@@ -13,9 +13,9 @@ the generation prompt, EOS stripped.
 Families:
   addition  `add:07+86`: A, B uniform in 0..99, zero-padded to 2 digits -> the sum padded to
             3 digits with its digits *reversed* (`390` for 093). Least significant digit first,
-            so each output digit needs one carry (NOTES.md: this makes addition learnable for
-            ~1 M-parameter models); fixed widths put every digit at a fixed position, which a
-            tiny transformer finds far faster than variable-length numbers.
+            so each output digit depends on one carry, which a ~1 M-parameter model can learn;
+            fixed widths put every digit at a fixed position, which a tiny transformer finds far
+            faster than variable-length numbers (docs/zoo.md, "Tasks").
   addition3 the same with 3-digit operands and a 4-digit reversed sum (harder).
   sort      `sort:dbca` (3–6 letters a–h, repeats allowed) -> the letters in order, `abcd`.
   reverse   `rev:abcde` (3–6 letters a–h) -> the letters backwards, `edcba`.

@@ -3,8 +3,10 @@
 A rollout batch is one padded tensor per step: the prompts, left-padded to a common
 length P and rendered through the chat template, followed by the sampled completions
 (right-padded). Every later pass (student loss, teacher scoring, evaluation) runs on
-exactly these token ids, so teacher and student see the same rendering (NOTES.md: a
-chat-template mismatch silently biases the signal).
+exactly these token ids, so teacher and student see the same rendering: a teacher that reads
+the student's tokens through another chat template scores a different text and biases the
+signal without any error (reported for the Tinker cookbook's distillation recipe,
+thinking-machines-lab/tinker-cookbook issue #796).
 
     prompts = render_prompts(tok, [ex.prompt for ex in examples])
     batch = roll_out(student, tok, prompts, examples, samples=4, max_new_tokens=16)

@@ -5,8 +5,9 @@ where the image sits (Qwen2/2.5-VL: `mm_token_type_ids` + `image_grid_thw` for t
 multimodal rotary positions; PaliGemma: `token_type_ids` for its bidirectional prefix).
 The processor builds them for the *prompt*; after the student has generated, the scoring pass
 runs on prompt + completion, and every such input must be rebuilt for that full sequence —
-otherwise the loss is silently wrong (NOTES.md "Tiny VLMs": Qwen2.5-VL positions off, logit
-error ~6e-4; PaliGemma completions seeing the future, ~7.5e-3; Qwen2-VL raises).
+otherwise the loss is silently wrong: Qwen2.5-VL gets wrong rotary positions, PaliGemma lets
+completion tokens see the future, and Qwen2-VL raises (the negative controls of
+tests/integration/test_vlm_scoring.py show each; docs/vlm.md).
 
     student_prompt = encode_visual_prompts(student_processor, examples, samples=4)
     teacher_prompt = encode_visual_prompts(teacher_processor, examples, samples=4)

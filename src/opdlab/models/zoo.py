@@ -13,9 +13,9 @@ How a pair is made (`train_pair`), and where it deviates from the study:
    pair's distillation task reaches `student_min_accuracy`: stopped by accuracy, not by
    time, because when a tiny transformer leaves its loss plateau varies by seed.
 3. The *teacher* is the same run trained further until `teacher_min_accuracy`: a stronger
-   copy of the student, like the study's RL-improved (JustRL) teacher. NOTES.md measured
-   that a pair from one run shows the study's signatures at small step sizes, and a pair
-   from two runs does not.
+   copy of the student, like the study's RL-improved (JustRL) teacher. A teacher from a
+   separate run would differ from the student in more than skill (docs/zoo.md, "How the
+   pairs were made").
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Where the demo deviates from the study, and why:
 1. The models are ~1 M parameters, trained from scratch on synthetic tasks; the study used 1.5B+
    pretrained models. Tiny models need larger relative steps to learn at all, so the main runs use a
    larger learning rate than the study's 1e-6 and the sweep shows what smaller steps do to the
-   measured sparsity (docs/demo.md discusses this; the findings table reports whatever it measures).
+   measured sparsity (README.md, "What the demo shows"; the findings table reports whatever it measures).
 2. Budgets are a few hundred rollouts per run instead of thousands, so accuracies are noisy; the
    report's rules mark differences within noise as inconclusive.
 """
@@ -77,7 +77,7 @@ def base_config(preset: Preset, out: Path) -> DistillConfig:
         "run.save_every": 0, "run.keep_checkpoints": 1, "rollout.prompts_per_step": preset.prompts_per_step,
         "rollout.samples_per_prompt": preset.samples_per_prompt, "data.num_eval": preset.num_eval,
         # One torch thread: the ~1 M-parameter models gain little from a second thread, and two
-        # threads on two busy cores slow a step down by an order of magnitude (NOTES, measured here).
+        # threads on two busy cores slow a step down by an order of magnitude (docs/benchmarks.md, "Threads").
         "run.threads": 1, **preset.extra,
     })
 
