@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("opdlab.recipes.analyze", "analyze"),
     "compare": ("opdlab.recipes.compare", "compare"),
     "mask": ("opdlab.recipes.mask", "mask"),
+    "delta": ("opdlab.recipes.delta", "delta"),
     "report": ("opdlab.recipes.report", "report"),
     "zoo": ("opdlab.recipes.zoo", "zoo"),
     "experiment": ("opdlab.recipes.experiment", "experiment"),
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("delta", help="a run as the coordinates it changed (exact, sparse), or TUNED rebuilt from one")
+    p.add_argument("base", nargs="?", metavar="BASE")
+    p.add_argument("tuned", nargs="?", metavar="TUNED")
+    p.add_argument("--apply", nargs=2, default=[], metavar=("BASE", "DELTA"), help="rebuild TUNED from BASE and a delta file")
+    p.add_argument("--out", required=True, help="delta .safetensors file, or with --apply the model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file or folder")
+
     p = sub.add_parser("report", help="one self-contained report.html from files on disk")
     p.add_argument("path", metavar="DIR", help="demo, run, analysis or experiment folder")
     p.add_argument("--out", default=None, help="where report.html goes (default: inside DIR)")
@@ -195,6 +203,9 @@ def to_config(args: argparse.Namespace) -> Any:
             "base": args.base, "tuned": args.tuned, "out": args.out, "atol": args.atol, "dtype": args.dtype,
             "device": args.device, "random_like": args.random_like, "union": args.union,
             "intersect": args.intersect, "overlap": args.overlap, "seed": args.seed, "overwrite": args.overwrite})
+    if cmd == "delta":
+        return C.load_config(C.DeltaConfig, None, {"base": args.base, "tuned": args.tuned, "apply": args.apply,
+                                                   "out": args.out, "overwrite": args.overwrite})
     if cmd == "report":
         return C.load_config(C.ReportConfig, None, {"path": args.path, "out": args.out})
     if cmd == "zoo":

@@ -306,6 +306,25 @@ class MaskConfig:
 
 
 @dataclass
+class DeltaConfig:
+    """`opdlab delta BASE TUNED` / `opdlab delta --apply BASE DELTA`: an exact sparse delta, made or applied.
+
+    Fields:
+      base: source checkpoint (make mode): HF folder, .safetensors file, or opdlab run folder.
+      tuned: tuned checkpoint (make mode), same kinds.
+      apply: BASE and DELTA file (apply mode): rebuild TUNED from them.
+      out: the delta .safetensors file (make mode) or the model folder to write (apply mode).
+      overwrite: replace an existing output file or folder.
+    """
+
+    base: str | None = None
+    tuned: str | None = None
+    apply: list[str] = field(default_factory=list)
+    out: str = "delta.safetensors"
+    overwrite: bool = False
+
+
+@dataclass
 class ReportConfig:
     """`opdlab report DIR`: one self-contained report.html from what is on disk.
 

@@ -126,11 +126,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 OUTPUT_MARKER = ".opdlab-output"  # written into every folder opdlab creates for --out
 
 
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the output folder; refuse a non-empty one unless `overwrite`.
+def check_out_dir(out: str | os.PathLike, overwrite: bool) -> bool:
+    """Refuse `out` as an output folder unless it is new, empty, or (with `overwrite`) one opdlab wrote.
 
-    `--overwrite` only ever deletes a folder opdlab made itself (it holds `OUTPUT_MARKER`), so
-    a mistyped `--out ~ --overwrite` cannot delete a user's files.
+    Returns True when `out` holds earlier output that `overwrite` allows replacing.
     """
     from opdlab.errors import UserError
 
@@ -143,6 +142,20 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         if not (out / OUTPUT_MARKER).is_file():
             raise UserError(f"{out}: --overwrite only replaces folders opdlab wrote, and this one holds other files; "
                             "remove it yourself or choose another --out")
+        return True
+    return False
+
+
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Create the output folder; refuse a non-empty one unless `overwrite`.
+
+    `--overwrite` only ever deletes a folder opdlab made itself (it holds `OUTPUT_MARKER`), so
+    a mistyped `--out ~ --overwrite` cannot delete a user's files.
+    """
+    from opdlab.errors import UserError
+
+    out = Path(out)
+    if check_out_dir(out, overwrite):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
