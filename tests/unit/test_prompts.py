@@ -96,6 +96,7 @@ def test_datasets_folder_without_datasets_says_what_to_install(tmp_path: Path, m
         P.read_prompts(folder)
 
 
+@pytest.mark.optional
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow is optional and not installed")
 def test_parquet_round_trip(tmp_path: Path) -> None:
     import pyarrow as pa
@@ -108,6 +109,7 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
         P.read_prompts(path, require_answer=True)
 
 
+@pytest.mark.optional
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is optional and not installed")
 def test_datasets_folder_round_trip(tmp_path: Path) -> None:
     import datasets
