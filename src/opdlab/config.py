@@ -1,9 +1,14 @@
-"""Configuration: one dataclass per concern, loaded as defaults <- YAML <- CLI overrides.
+"""Configuration: one dataclass per concern, loaded as defaults <- YAML <- command-line flags.
 
-Each field is documented once, in the class docstring's `Fields:` list; `--help` texts
-and the docs read from there. `load_config` checks every key and type and raises a
-one-line `UserError` naming the file and field at fault (`config_loading.py`). The resolved
-config is saved into every run folder (`to_yaml`). Choices are `Literal[...]` and checked by value.
+Each field is documented once, by the string literal written right under it (an attribute
+docstring, as litgpt documents its configs). That string is the `--help` text of the field's
+flag: `opdlab.flags` reads it from this file's source with `ast`, and takes the flag's type,
+choices and default from the field's type hint and default; `cli.py` only lists which fields
+each command exposes. `tests/unit/test_flags.py` fails when a field has no docstring or a flag
+names no field. `load_config` checks every key and type and raises a one-line `UserError` naming
+the file and field at fault (`config_loading.py`). The resolved config is saved into every run
+folder (`to_yaml`), without the fields marked `NOT_SAVED` (how to run a command, such as
+`overwrite`, rather than what it computes). Choices are `Literal[...]` and checked by value.
 
 Example::
 
@@ -16,178 +21,179 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # The loader lives in config_loading.py; these names stay importable from here (the config API).
-from opdlab.config_loading import check, load_config, to_dict, to_yaml  # noqa: F401
+from opdlab.config_loading import NOT_SAVED, check, load_config, to_dict, to_yaml  # noqa: F401
 
 # ----------------------------------------------------------------------------- training
 
 
 @dataclass
 class ModelConfig:
-    """Which models to train and score with.
-
-    Fields:
-      student: student source model (HF folder, .safetensors-bearing folder, or opdlab run); empty = the built-in pair's student.
-      teacher: teacher model (HF folder); empty = the built-in pair's teacher.
-      pair: built-in zoo pair used when student/teacher are not given (a VLM pair such as shapes-vlm-tiny works too).
-      device: torch device for training ("cpu", "cuda", "cuda:1").
-      trust_remote_code: allow model code shipped with a checkpoint to run (off unless you ask).
-      shard_teacher: under torchrun, shard the teacher with FSDP2 too (forward only) instead of a full copy per process.
-    """
+    """Which models to train and score with."""
 
     student: str | None = None
+    """the student's source model: an HF model folder, a .gguf file, an opdlab run folder or a shipped model
+    name (smollm2-135m-instruct); empty = the built-in pair's student."""
     teacher: str | None = None
+    """the teacher, in the same forms as the student; empty = the built-in pair's teacher (for method opsd:
+    the student's own source model)."""
     pair: str = "sort-tiny"
+    """built-in pair used when student and teacher are not given (see `opdlab zoo list`; a vision-language
+    pair such as shapes-vlm-tiny works too)."""
     device: str = "cpu"
+    """torch device for training ("cpu", "cuda", "cuda:1")."""
     trust_remote_code: bool = False
+    """allow model code shipped with a checkpoint to run (off unless you ask)."""
     shard_teacher: bool = False
+    """under torchrun, shard the teacher with FSDP2 too (forward only) instead of a full copy per process."""
 
 
 @dataclass
 class DataConfig:
-    """Where prompts come from.
-
-    Fields:
-      task: built-in task family for prompts and accuracy (empty = the pair's default task mix).
-      prompts: prompts file (.jsonl or .parquet) or a `datasets` folder saved to disk; empty = generated from `task`.
-      prompt_field: field holding the prompt text.
-      answer_field: field holding the reference answer (used for accuracy and the RL reward; optional for opd).
-      image_field: field holding an image path (relative to the prompts file) for vision-language pairs.
-      privileged_field: field holding privileged context only the teacher sees (method opsd); records without it use their answer.
-      privileged_template: the teacher's user message for method opsd, with {prompt} and {privileged} placeholders.
-      eval_prompts: held-out prompts file; empty = generated held-out prompts of `task`, or a split of `prompts`.
-      num_eval: number of held-out prompts to evaluate on.
-      max_prompt_tokens: prompts longer than this (after the chat template) are an error.
-    """
+    """Where prompts come from."""
 
     task: str | None = None
+    """built-in task for generated prompts and accuracy; empty = the pair's default task mix."""
     prompts: str | None = None
+    """prompts file (.jsonl or .parquet) or a `datasets` folder saved to disk; empty = prompts generated from
+    the task."""
     prompt_field: str = "prompt"
+    """prompts-file field holding the prompt text."""
     answer_field: str = "answer"
+    """prompts-file field holding the reference answer (used for accuracy and the RL reward; optional for
+    opd)."""
     image_field: str = "image"
+    """prompts-file field holding an image path (relative to the prompts file) for vision-language pairs."""
     privileged_field: str = "privileged"
+    """method opsd: prompts-file field with privileged context only the teacher sees; records without it use
+    their answer."""
     privileged_template: str = "{prompt}\n\nHint: the answer is {privileged}."
+    """the teacher's user message for method opsd, with {prompt} and {privileged} placeholders."""
     eval_prompts: str | None = None
+    """held-out prompts file; empty = generated held-out prompts of the task, or a split of the prompts
+    file."""
     num_eval: int = 128
+    """number of held-out prompts to evaluate on."""
     max_prompt_tokens: int = 512
+    """prompts longer than this (after the chat template) are an error."""
 
 
 @dataclass
 class RolloutConfig:
-    """How completions are sampled.
-
-    Fields:
-      prompts_per_step: prompts per optimizer step.
-      samples_per_prompt: completions sampled per prompt (the RL group size).
-      max_new_tokens: completion length limit.
-      temperature: sampling temperature (1.0 = on-policy).
-      top_p: nucleus sampling threshold (1.0 = off).
-      micro_batch: sequences per forward/backward pass (gradient accumulation splits the step into these).
-      backend: who generates the rollouts: hf (transformers generate) or vllm (needs the vllm extra and a GPU).
-    """
+    """How completions are sampled."""
 
     prompts_per_step: int = 16
+    """prompts per optimizer step."""
     samples_per_prompt: int = 4
+    """completions sampled per prompt (the RL group size)."""
     max_new_tokens: int = 16
+    """completion length limit."""
     temperature: float = 1.0
+    """sampling temperature (1.0 = on-policy)."""
     top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)."""
     micro_batch: int = 64
+    """sequences per forward/backward pass (gradient accumulation splits the step into these)."""
     backend: Literal["hf", "vllm"] = "hf"
+    """who generates the rollouts: hf (transformers generate) or vllm (needs the vllm extra and a GPU)."""
 
 
 @dataclass
 class LossConfig:
-    """The per-token training signal.
-
-    Fields:
-      loss: opd loss: reverse_kl (full vocabulary, default), forward_kl, jsd (continuous generalized JSD), topk_reverse_kl, sampled (k1 as a policy-gradient advantage), k2, k3.
-      beta: JSD mixture weight in [0, 1]; 0 = forward KL, 1 = reverse KL.
-      top_k: vocabulary entries kept (plus a tail bucket) for topk_reverse_kl.
-      vocab_chunk: positions per chunk when taking log-softmax over large vocabularies.
-      rl_kl_coef: KL-to-source penalty for method rl (0 = none).
-    """
+    """The per-token training signal."""
 
     loss: Literal["reverse_kl", "forward_kl", "jsd", "topk_reverse_kl", "sampled", "k2", "k3"] = "reverse_kl"
+    """the opd loss: reverse_kl (full vocabulary), forward_kl, jsd (continuous generalized JSD),
+    topk_reverse_kl, sampled (k1 as a policy-gradient advantage), k2 or k3."""
     beta: float = 0.5
+    """JSD mixture weight in [0, 1]; 0 = forward KL, 1 = reverse KL."""
     top_k: int = 32
+    """vocabulary entries kept (plus a tail bucket) for topk_reverse_kl."""
     vocab_chunk: int = 4096
+    """positions per chunk when taking log-softmax over large vocabularies."""
     rl_kl_coef: float = 0.0
+    """KL-to-source penalty for method rl (0 = none)."""
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule.
-
-    Fields:
-      optimizer: adamw or sgd.
-      lr: peak learning rate.
-      weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
-      beta1: AdamW first-moment decay.
-      beta2: AdamW second-moment decay.
-      eps: AdamW epsilon.
-      momentum: SGD momentum (0 = plain SGD).
-      schedule: constant or cosine (with warmup).
-      warmup_steps: linear warmup steps.
-      grad_clip: clip the global gradient norm to this (0 = off).
-      mask: subnetwork mask (.safetensors); coordinates outside it stay bit-identical.
-    """
+    """Optimizer and schedule."""
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw or sgd."""
     lr: float = 1e-4
+    """peak learning rate."""
     weight_decay: float = 0.0
+    """decoupled weight decay (AdamW) or L2 (SGD)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.999
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     momentum: float = 0.9
+    """SGD momentum (0 = plain SGD)."""
     schedule: Literal["constant", "cosine"] = "constant"
+    """constant or cosine (with warmup)."""
     warmup_steps: int = 0
+    """linear warmup steps."""
     grad_clip: float = 1.0
+    """clip the global gradient norm to this (0 = off)."""
     mask: str | None = None
+    """subnetwork mask (.safetensors): train only these coordinates; the others stay bit-identical."""
 
 
 @dataclass
 class RunConfig:
-    """Length, logging and checkpoints of a run.
-
-    Fields:
-      steps: optimizer steps.
-      seed: seed for sampling, data order and initialisation of anything random.
-      eval_every: evaluate every N steps (and at step 0 and the end); 0 = only at 0 and the end.
-      save_every: checkpoint every N steps (and at the end); 0 = only at the end.
-      save_dtype: storage dtype of checkpoints: bf16 (as public checkpoints), fp32, or both (final-fp32/ beside final/).
-      keep_checkpoints: how many step checkpoints to keep (the newest); final/ is always kept.
-      tensorboard: also write TensorBoard event files (needs the tensorboard extra).
-      threads: torch CPU threads (0 = torch's default).
-      on_nonfinite: what a NaN/inf loss or gradient does: stop (one-line error naming the step; the last good checkpoint is kept) or skip (drop that batch: no optimizer step, logged as train/skipped_nonfinite).
-    """
+    """Length, logging and checkpoints of a run."""
 
     steps: int = 100
+    """optimizer steps."""
     seed: int = 0
+    """seed for sampling, data order and initialisation of anything random."""
     eval_every: int = 25
+    """evaluate every N steps (and at step 0 and the end); 0 = only at 0 and the end."""
     save_every: int = 50
+    """checkpoint every N steps (and at the end); 0 = only at the end."""
     save_dtype: Literal["bf16", "fp32", "both"] = "bf16"
+    """checkpoint storage dtype: bf16 (as public checkpoints), fp32, or both (final-fp32/ beside final/)."""
     keep_checkpoints: int = 2
+    """how many step checkpoints to keep (the newest); final/ is always kept."""
     tensorboard: bool = False
+    """also write TensorBoard event files (needs the tensorboard extra)."""
     threads: int = 0
+    """torch CPU threads (0 = torch's default)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    """what a NaN/inf loss or gradient does: stop (one-line error naming the step; the last good checkpoint is
+    kept) or skip (drop that batch: no optimizer step, logged as train/skipped_nonfinite)."""
 
 
 @dataclass
 class DistillConfig:
-    """One training run: method opd | opsd | sft | rl.
-
-    Fields:
-      method: opd (student samples, teacher scores every token), opsd (on-policy self-distillation: the teacher is the student's frozen source model, shown privileged context), sft (train on teacher completions), rl (GRPO-style verifier reward).
-      out: run folder.
-    """
+    """One training run: method opd | opsd | sft | rl."""
 
     method: Literal["opd", "opsd", "sft", "rl"] = "opd"
+    """opd (the student samples, the teacher scores every token), opsd (on-policy self-distillation: the
+    teacher is the student's frozen source model, shown privileged context), sft (train on teacher
+    completions) or rl (GRPO-style verifier reward)."""
     out: str = "runs/distill"
+    """run folder."""
+    resume: str | None = field(default=None, metadata=NOT_SAVED)
+    """continue the run in this folder from its newest checkpoint (on the command line its config.yaml is the
+    config unless --config is given, and the folder is --out unless --out is given)."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace a non-empty run folder."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """the models (student, teacher, pair, device)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """the prompts (task, prompts file and its fields, held-out prompts)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """how completions are sampled."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """the per-token training signal."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """optimizer, schedule and mask."""
     run: RunConfig = field(default_factory=RunConfig)
+    """length, seed, logging and checkpoints."""
 
     def __post_init__(self) -> None:
         check(0.0 <= self.loss.beta <= 1.0, "loss.beta", "must be in [0, 1]")
@@ -220,157 +226,139 @@ class DistillConfig:
 
 @dataclass
 class AnalyzeConfig:
-    """`opdlab analyze BASE TUNED`: how TUNED differs from BASE.
-
-    Fields:
-      base: source checkpoint (HF folder, .safetensors file, or opdlab run folder).
-      tuned: tuned checkpoint (same kinds).
-      out: output folder.
-      dtype: analysis dtype: both sides are cast to it before subtracting.
-      device: torch device for the math ("cpu", "cuda").
-      skip_mismatched: skip (and list) tensors missing on one side or with different shapes, instead of failing.
-      workers: threads for per-tensor work (0 = automatic).
-      exact_svd_max: largest min(m, n) for exact singular values; larger matrices use a randomized top-k method.
-      overwrite: replace a non-empty output folder.
-    """
+    """`opdlab analyze BASE TUNED`: how TUNED differs from BASE."""
 
     base: str = ""
+    """source checkpoint: an HF model folder, a .safetensors file, an opdlab run folder, a .gguf file or a
+    shipped model name."""
     tuned: str = ""
+    """tuned checkpoint, in the same forms as the base."""
     out: str = "analysis"
+    """output folder."""
     dtype: Literal["bf16", "fp32"] = "bf16"
+    """analysis dtype: both sides are cast to it before subtracting."""
     device: str = "cpu"
+    """torch device for the math ("cpu", "cuda")."""
     skip_mismatched: bool = False
+    """skip (and list) tensors missing on one side or with different shapes, instead of failing."""
     workers: int = 0
+    """threads for per-tensor work (0 = automatic)."""
     exact_svd_max: int = 1024
-    overwrite: bool = False
+    """largest min(m, n) for exact singular values; larger matrices use a randomized top-k method."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace a non-empty output folder."""
 
 
 @dataclass
 class CompareConfig:
-    """`opdlab compare BASE RUN_A RUN_B`: overlap of two runs' update masks against chance.
-
-    Fields:
-      base: the shared source checkpoint.
-      run_a: first tuned checkpoint or run folder.
-      run_b: second tuned checkpoint or run folder.
-      out: output folder.
-      dtype: analysis dtype.
-      atol: a coordinate counts as changed when |delta| > atol.
-      device: torch device.
-      skip_mismatched: skip (and list) tensors that do not match, instead of failing.
-      overwrite: replace a non-empty output folder.
-    """
+    """`opdlab compare BASE RUN_A RUN_B`: overlap of two runs' update masks against chance."""
 
     base: str = ""
+    """the shared source checkpoint."""
     run_a: str = ""
+    """first tuned checkpoint or run folder."""
     run_b: str = ""
+    """second tuned checkpoint or run folder."""
     out: str = "compare"
+    """output folder."""
     dtype: Literal["bf16", "fp32"] = "bf16"
+    """analysis dtype."""
     atol: float = 0.0
+    """a coordinate counts as changed when |delta| > atol."""
     device: str = "cpu"
+    """torch device."""
     skip_mismatched: bool = False
-    overwrite: bool = False
+    """skip (and list) tensors that do not match, instead of failing."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace a non-empty output folder."""
 
 
 @dataclass
 class MaskConfig:
-    """`opdlab mask`: extract, randomize, combine or measure subnetwork masks.
-
-    Fields:
-      base: source checkpoint (extract mode).
-      tuned: tuned checkpoint (extract mode).
-      out: output .safetensors file (or a .json file for --overlap).
-      atol: changed when |delta| > atol in the analysis dtype.
-      dtype: analysis dtype.
-      device: torch device.
-      random_like: draw a random control with the same per-tensor density as this mask.
-      union: masks to combine by union.
-      intersect: masks to combine by intersection.
-      overlap: two masks whose overlap to measure (written as JSON and printed).
-      seed: seed for --random-like.
-      overwrite: replace an existing output file.
-    """
+    """`opdlab mask`: extract, randomize, combine or measure subnetwork masks."""
 
     base: str | None = None
+    """source checkpoint (extract mode)."""
     tuned: str | None = None
+    """tuned checkpoint (extract mode)."""
     out: str = "mask.safetensors"
+    """output .safetensors file (or a .json file with --overlap)."""
     atol: float = 0.0
+    """changed when |delta| > atol in the analysis dtype."""
     dtype: Literal["bf16", "fp32"] = "bf16"
+    """analysis dtype."""
     device: str = "cpu"
+    """torch device."""
     random_like: str | None = None
+    """draw a random control with the same per-tensor density as this mask."""
     union: list[str] = field(default_factory=list)
+    """masks to combine by union."""
     intersect: list[str] = field(default_factory=list)
+    """masks to combine by intersection."""
     overlap: list[str] = field(default_factory=list)
+    """two masks whose overlap to measure (written as JSON and printed)."""
     seed: int = 0
-    overwrite: bool = False
+    """seed for --random-like."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace an existing output file."""
 
 
 @dataclass
 class DeltaConfig:
-    """`opdlab delta BASE TUNED` / `opdlab delta --apply BASE DELTA`: an exact sparse delta, made or applied.
-
-    Fields:
-      base: source checkpoint (make mode): HF folder, .safetensors file, or opdlab run folder.
-      tuned: tuned checkpoint (make mode), same kinds.
-      apply: BASE and DELTA file (apply mode): rebuild TUNED from them.
-      out: the delta .safetensors file (make mode) or the model folder to write (apply mode).
-      overwrite: replace an existing output file or folder.
-    """
+    """`opdlab delta BASE TUNED` / `opdlab delta --apply BASE DELTA`: an exact sparse delta, made or applied."""
 
     base: str | None = None
+    """source checkpoint (make mode): an HF model folder, a .safetensors file or an opdlab run folder."""
     tuned: str | None = None
+    """tuned checkpoint (make mode), in the same forms as the base."""
     apply: list[str] = field(default_factory=list)
+    """BASE and DELTA file (apply mode): rebuild TUNED from them."""
     out: str = "delta.safetensors"
-    overwrite: bool = False
+    """the delta .safetensors file (make mode) or the model folder to write (apply mode)."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace an existing output file or folder."""
 
 
 @dataclass
 class ReportConfig:
-    """`opdlab report DIR`: one self-contained report.html from what is on disk.
-
-    Fields:
-      path: a demo folder, run folder, analysis folder or experiment folder.
-      out: where report.html and figures go (empty = inside `path`).
-    """
+    """`opdlab report DIR`: one self-contained report.html from what is on disk."""
 
     path: str = ""
+    """a demo, run, analysis, compare or experiment folder (or a folder holding several)."""
     out: str | None = None
+    """where report.html and its figures go; empty = DIR/report."""
 
 
 @dataclass
 class ZooConfig:
-    """`opdlab zoo list | build NAME`.
-
-    Fields:
-      action: list or build.
-      name: pair to build.
-      rebuild: build again even if cached (retrains from the seed).
-    """
+    """`opdlab zoo list | build NAME`."""
 
     action: Literal["list", "build"] = "list"
+    """list the built-in pairs and shipped models, or build one."""
     name: str | None = None
+    """the pair (or shipped model) to build."""
     rebuild: bool = False
+    """build again even if cached (retrains from the seed)."""
 
 
 @dataclass
 class DemoConfig:
-    """`opdlab demo`: the whole study on the built-in pair.
-
-    Fields:
-      preset: quick (about 3 min), default (about 6 min; with real about 13 min) or full (longer, more faithful).
-      out: demo folder.
-      overwrite: replace a non-empty demo folder.
-      resume: continue an interrupted demo in `out`, skipping finished stages.
-      vlm: run the study on the built-in vision-language pair (shapes-vlm-tiny) instead.
-      real: self-distill a real pretrained model (SmolLM2-135M-Instruct, needs opdlab[real]) instead.
-    """
+    """`opdlab demo`: the whole study on the built-in pair."""
 
     preset: Literal["quick", "default", "full"] = "default"
+    """quick (a first look: a few minutes on a laptop CPU), default (the study at small scale) or full
+    (longer runs, wider sweeps, more faithful)."""
     out: str = "opdlab-demo"
-    overwrite: bool = False
-    resume: bool = False
+    """demo folder."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace a non-empty demo folder."""
+    resume: bool = field(default=False, metadata=NOT_SAVED)
+    """continue an interrupted demo in its folder, skipping finished stages."""
     vlm: bool = False
+    """run the study on the built-in vision-language pair (shapes-vlm-tiny) instead."""
     real: bool = False
+    """self-distill a real pretrained model, SmolLM2-135M-Instruct, instead (needs opdlab[real]; slower than
+    the tiny pair: a 135M-parameter model on CPU)."""
 
     def __post_init__(self) -> None:
         check(not (self.vlm and self.real), "vlm/real", "are exclusive: pick --vlm or --real")
@@ -378,33 +366,35 @@ class DemoConfig:
 
 @dataclass
 class ExperimentConfig:
-    """`opdlab experiment subnetwork | optimizers`: the study's two training experiments.
-
-    Fields:
-      kind: subnetwork (full OPD, then retrain only its updated coordinates, and a random matched mask) or optimizers (AdamW vs SGD with and without momentum, each with a learning-rate sweep).
-      out: experiment folder.
-      train: the OPD run every arm starts from (same source, data order, seed and schedule).
-      mask_atol: a coordinate belongs to the subnetwork when |delta| > mask_atol in mask_dtype.
-      mask_dtype: dtype in which the full run's update is compared to find the subnetwork.
-      adamw_lrs: learning rates swept for AdamW (optimizers experiment).
-      sgd_lrs: learning rates swept for SGD, with and without momentum (optimizers experiment).
-      sgd_momentum: momentum of the SGD-with-momentum arm.
-      evidence_methods: methods whose Adam second-moment spread is measured (opd, sft, rl).
-      overwrite: replace a non-empty experiment folder.
-      resume: keep finished arms in `out` and run only the missing ones.
-    """
+    """`opdlab experiment subnetwork | optimizers`: the study's two training experiments."""
 
     kind: Literal["subnetwork", "optimizers"] = "subnetwork"
+    """subnetwork (full OPD, then retrain only its updated coordinates, and a random mask of matched
+    density) or optimizers (AdamW vs SGD with and without momentum, each with a learning-rate sweep)."""
     out: str = "experiment"
+    """experiment folder."""
+    preset: Literal["quick", "default", "full"] | None = None
+    """size preset, applied over the --config file and under --set: quick (shorter runs, two learning rates
+    per optimizer), default (the defaults) or full (longer runs, wider sweeps); the values are
+    opdlab.recipes.experiment.PRESETS."""
     train: DistillConfig = field(default_factory=DistillConfig)
+    """the OPD run every arm starts from (same source, data order, seed and schedule)."""
     mask_atol: float = 0.0
+    """a coordinate belongs to the subnetwork when |delta| > mask_atol in mask_dtype."""
     mask_dtype: Literal["bf16", "fp32"] = "bf16"
+    """dtype in which the full run's update is compared to find the subnetwork."""
     adamw_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    """learning rates swept for AdamW (optimizers experiment)."""
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
+    """learning rates swept for SGD, with and without momentum (optimizers experiment)."""
     sgd_momentum: float = 0.9
+    """momentum of the SGD-with-momentum arm."""
     evidence_methods: list[str] = field(default_factory=lambda: ["opd", "sft", "rl"])
-    overwrite: bool = False
-    resume: bool = False
+    """methods whose Adam second-moment spread is measured (opd, sft, rl)."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace a non-empty experiment folder."""
+    resume: bool = field(default=False, metadata=NOT_SAVED)
+    """keep the arms already finished in the experiment folder and run only the missing ones."""
 
     def __post_init__(self) -> None:
         check(all(lr > 0 for lr in self.adamw_lrs + self.sgd_lrs), "adamw_lrs/sgd_lrs", "must be positive")

@@ -8,6 +8,7 @@ the file and field at fault; `to_yaml` writes the resolved config saved into eve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -20,6 +21,11 @@ import yaml
 from opdlab.errors import UserError
 
 T = TypeVar("T")
+
+# Field metadata for settings of how a command runs (resume, overwrite) rather than what it computes:
+# `to_dict` and `to_yaml` leave them out, so a run's saved config.yaml never carries an `overwrite: true`
+# into the next run that reads it.
+NOT_SAVED: dict[str, Any] = {"saved": False}
 
 
 def check(ok: bool, name: str, what: str) -> None:
@@ -161,8 +167,13 @@ def _describe(tp: Any) -> str:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested dicts (for YAML and JSON)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts (for YAML and JSON), without the fields marked NOT_SAVED."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("saved", True):
+            value = getattr(cfg, f.name)
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def to_yaml(cfg: Any) -> str:

@@ -163,3 +163,24 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     except OSError as exc:
         raise UserError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
     return out
+
+
+# ----------------------------------------------------------------------------- paths inside result files
+
+
+def relative_path(path: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """`path` as a result file in `folder` records it: relative to `folder` (POSIX separators) when it
+    names something on disk, so a results folder can move as a whole; unchanged otherwise (a model name)."""
+    p = Path(path)
+    if not p.exists():
+        return str(path)
+    try:
+        return Path(os.path.relpath(p.resolve(), Path(folder).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(p.resolve())
+
+
+def resolve_path(recorded: str, folder: str | os.PathLike) -> Path:
+    """A path read from a result file in `folder` (the inverse of `relative_path`)."""
+    p = Path(recorded)
+    return p if p.is_absolute() else Path(folder).resolve() / p  # resolved, as `relative_path` measured it

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 
 from opdlab.errors import UserError
@@ -193,6 +194,27 @@ def source_format(ck: Checkpoint) -> dict | None:
         source = info.get("source")
         return {"kind": "gguf", "tensor_types": {str(k): v for k, v in types.items()},
                 "source": source if isinstance(source, str) else None}
+    return None
+
+
+def run_method(path: str | Path) -> str | None:
+    """The training method ("opd", "opsd", "sft", "rl") of the opdlab run a checkpoint path belongs to:
+    the run folder itself, its final/ or final-fp32/, or one of its checkpoints/step-N. Read from the
+    run's run.json, else its config.yaml; None for anything that is not an opdlab run."""
+    p = Path(path)
+    for folder in (p, p.parent, p.parent.parent):
+        if not (folder / "config.yaml").is_file():
+            continue
+        for name in ("run.json", "config.yaml"):
+            try:
+                text = (folder / name).read_text(encoding="utf-8")
+                record = json.loads(text) if name == "run.json" else yaml.safe_load(text)
+            except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+                continue  # missing or damaged: try the other file
+            method = record.get("method") if isinstance(record, dict) else None
+            if isinstance(method, str):
+                return method
+        return None
     return None
 
 

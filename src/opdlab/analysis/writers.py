@@ -1,7 +1,7 @@
 """Write analysis and compare outputs (atomically): JSON summaries, CSV tables, Δ spectra.
 
 Schemas (stable names, documented key by key in docs/analysis.md):
-  analysis.json  {"schema": 1, "base", "tuned", "dtype", "fp32_precision_control", "exact_svd_max",
+  analysis.json  {"schema": 1, "base", "tuned", "method", "dtype", "fp32_precision_control", "exact_svd_max",
                   "skipped", ["base_format",] "summary": {…}, "groups": {"layer": […], "module": […], "block": […]}}
   tensors.csv    one row per tensor pair (see aggregate.tensor_rows)
   groups_<kind>.csv  the group tables as CSV
@@ -9,6 +9,9 @@ Schemas (stable names, documented key by key in docs/analysis.md):
   compare.json   {"schema": 1, "base", "run_a", "run_b", "dtype", "atol", "skipped", "summary": {…},
                   "groups": {"module": […], "layer": […], "block": […]}}
   compare.csv    one row per tensor: counts and overlap statistics
+Paths ("base", "tuned", "run_a", "run_b") are relative to the file's folder when they name something on
+disk (`fileio.relative_path`); "method" is the training method of the tuned run (null when TUNED is
+not an opdlab run).
 """
 
 from __future__ import annotations

@@ -201,3 +201,36 @@ def load_checkpoint(
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
     """`run.json`: status (running / finished), step, and where the models came from."""
     write_json(run_dir / "run.json", info)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """`run.json` as written by `write_run_info` ({} when the run has none yet)."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({_first_line(exc)}); delete it to train this run again") from None
+    return info if isinstance(info, dict) else {}
+
+
+def finished_step(run_dir: Path) -> int | None:
+    """The step a finished run ended at (run.json says finished and final/ exists), else None."""
+    if not (run_dir / "final").is_dir():
+        return None
+    info = read_run_info(run_dir)
+    if info.get("status") != "finished":
+        return None
+    try:
+        return int(info.get("step", 0))
+    except (TypeError, ValueError):
+        return None
+
+
+def run_config_file(run_dir: Path) -> Path:
+    """The config.yaml of the run folder `run_dir` continues (--resume); a UserError when there is none."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: not an opdlab run folder (no config.yaml)")
+    return path

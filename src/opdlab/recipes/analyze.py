@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 from opdlab.analysis.aggregate import GROUP_KINDS, group_table, summary, tensor_rows
+from opdlab.analysis.pairs import run_method
 from opdlab.analysis.stream import open_pair, run_tensors
 from opdlab.analysis.writers import write_analysis
 from opdlab.config import AnalyzeConfig
-from opdlab.fileio import prepare_out_dir
+from opdlab.fileio import prepare_out_dir, relative_path
 from opdlab.report import figures_analysis as F
 
 
@@ -37,8 +38,10 @@ def analyze(cfg: AnalyzeConfig) -> Path:
 
     rows = tensor_rows(results)
     groups = {kind: group_table(results, kind) for kind in GROUP_KINDS}
-    header = {"base": str(cfg.base), "tuned": str(cfg.tuned), "dtype": cfg.dtype,
-              "fp32_precision_control": pair.fp32, "exact_svd_max": cfg.exact_svd_max, "skipped": pair.skipped}
+    # Paths relative to the output folder (it can move as a whole); the method of the run analysed, if any.
+    header = {"base": relative_path(cfg.base, out), "tuned": relative_path(cfg.tuned, out),
+              "method": run_method(cfg.tuned), "dtype": cfg.dtype, "fp32_precision_control": pair.fp32,
+              "exact_svd_max": cfg.exact_svd_max, "skipped": pair.skipped}
     if pair.base_format:  # e.g. a dequantized GGUF base: the report adds its caveat
         header["base_format"] = pair.base_format
     spectra = {r.name: r.spectrum for r in results if r.spectrum is not None}

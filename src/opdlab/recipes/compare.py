@@ -16,7 +16,7 @@ from pathlib import Path
 from opdlab.analysis.overlap import overlap_groups, overlap_rows, overlap_summary
 from opdlab.analysis.writers import write_compare
 from opdlab.config import CompareConfig
-from opdlab.fileio import prepare_out_dir
+from opdlab.fileio import prepare_out_dir, relative_path
 from opdlab.report import figures_analysis as F
 
 
@@ -27,8 +27,8 @@ def compare(cfg: CompareConfig) -> Path:
         print(f"opdlab compare: skipping {len(result.skipped)} tensor(s): " + "; ".join(result.skipped), file=sys.stderr)
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     groups = overlap_groups(result.rows)
-    header = {"base": str(cfg.base), "run_a": str(cfg.run_a), "run_b": str(cfg.run_b), "dtype": cfg.dtype,
-              "atol": cfg.atol, "skipped": result.skipped}
+    header = {"base": relative_path(cfg.base, out), "run_a": relative_path(cfg.run_a, out),
+              "run_b": relative_path(cfg.run_b, out), "dtype": cfg.dtype, "atol": cfg.atol, "skipped": result.skipped}
     write_compare(out, header, overlap_summary(result.rows), groups, result.rows)
     F.compare_jaccard_by_module(groups["module"], out / "compare_jaccard_module.png")
     return out

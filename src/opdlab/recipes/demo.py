@@ -39,7 +39,7 @@ from opdlab.config import (
     AnalyzeConfig, CompareConfig, DemoConfig, DistillConfig, ExperimentConfig, ReportConfig, load_config,
 )
 from opdlab.errors import UserError
-from opdlab.fileio import prepare_out_dir, write_json
+from opdlab.fileio import prepare_out_dir, relative_path, write_json
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def demo(cfg: DemoConfig) -> Path:
                            "below_half_ulp_fraction": summary.get("below_half_ulp_fraction"),
                            "relative_update_norm": summary.get("relative_update_norm"),
                            "accuracy": evaluation["accuracy"], "reverse_kl": evaluation["reverse_kl"],
-                           "analysis_dir": str(dest.relative_to(sweep_dir)), "run_dir": str(run_dir.resolve())})
+                           "analysis_dir": relative_path(dest, sweep_dir), "run_dir": relative_path(run_dir, sweep_dir)})
         return write_json(sweep_dir / "lr_sweep.json", {"schema": 1, "method": "opd", "optimizer": "adamw",
                                                         "steps": preset.steps, "points": points})
 

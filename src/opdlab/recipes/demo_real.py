@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from opdlab.config import DemoConfig, DistillConfig, load_config
-from opdlab.fileio import prepare_out_dir, write_json
+from opdlab.fileio import prepare_out_dir, relative_path, write_json
 
 MODEL = "smollm2-135m-instruct"
 TASK = "chat-subtraction"
@@ -125,8 +125,9 @@ def optimizer_comparison(runs: dict[str, Path], base: DistillConfig, out: Path) 
 
     sweep: list[dict[str, Any]] = []
     for name, optimizer, lr in (("opsd", "adamw", base.optim.lr), ("opsd-sgd", "sgd_momentum", SGD_LR)):
-        sweep.append({"optimizer": optimizer, "lr": lr, "run_dir": str(runs[name].resolve()), **final_eval(runs[name])})
-    adam = adam_evidence(runs["opsd"])
+        sweep.append({"optimizer": optimizer, "lr": lr, "run_dir": relative_path(runs[name], out),
+                      **final_eval(runs[name])})
+    adam = adam_evidence(runs["opsd"], out)
     evidence = {"opd": adam} if adam is not None else {}
     return write_json(out / "optimizers.json", {
         "schema": 1, "kind": "optimizers", "num_eval": base.data.num_eval, "sweep": sweep,

@@ -10,12 +10,11 @@ Returns the run folder (config.yaml, metrics.jsonl, checkpoints/, final/); see d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from opdlab.config import DistillConfig
 from opdlab.dist.runtime import init_from_env
-from opdlab.distill.checkpoint import list_checkpoints
+from opdlab.distill.checkpoint import finished_step, list_checkpoints, run_config_file
 from opdlab.distill.train import train
 from opdlab.errors import UserError
 from opdlab.fileio import prepare_out_dir, remove_stale_temporaries
@@ -29,21 +28,19 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def distill(cfg: DistillConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Train as `cfg` says into `cfg.out`, or continue the run in `resume`; return the run folder."""
+def distill(cfg: DistillConfig, *, progress: bool = True) -> Path:
+    """Train as `cfg` says into `cfg.out` (continuing the run in `cfg.resume` when set); return the run folder."""
     _quiet_transformers()
     ctx = init_from_env(cfg.model.device)  # under torchrun rank 0 prepares the folder, the others wait
-    if resume is None:
-        return train(cfg, ctx.run_on_main(lambda: prepare_out_dir(cfg.out, overwrite)), progress=progress)
+    if cfg.resume is None:
+        return train(cfg, ctx.run_on_main(lambda: prepare_out_dir(cfg.out, cfg.overwrite)), progress=progress)
 
-    run_dir = Path(resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--resume {run_dir}: not an opdlab run folder (no config.yaml)")
+    run_dir = Path(cfg.resume)
+    run_config_file(run_dir)  # a UserError unless it is a run folder
     if Path(cfg.out).resolve() != run_dir.resolve():
         raise UserError(f"--resume {run_dir} continues in its own folder; drop --out {cfg.out} (or copy the run first)")
-    info_file = run_dir / "run.json"
-    info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
-    if info.get("status") == "finished" and int(info.get("step", 0)) >= cfg.run.steps and (run_dir / "final").is_dir():
+    done = finished_step(run_dir)
+    if done is not None and done >= cfg.run.steps:
         return run_dir  # nothing left to do; raise --steps to train further
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:

@@ -19,8 +19,8 @@ Every arm is a normal run folder under `runs/`; with `--resume`, finished arms a
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,25 +29,18 @@ from typing import Any
 import torch
 
 from opdlab.config import DistillConfig, ExperimentConfig, load_config
+from opdlab.distill.checkpoint import finished_step
 from opdlab.errors import UserError
-from opdlab.fileio import prepare_out_dir, read_jsonl, write_json
+from opdlab.fileio import prepare_out_dir, read_jsonl, relative_path, write_json
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Overrides of ExperimentConfig per preset; the demo uses the same table.
+    # `--preset`: overrides of ExperimentConfig, applied over --config and under --set (cli.to_config).
+    # `opdlab demo` does not read this table: its experiments reuse the demo's own runs and are sized
+    # by the demo's presets (opdlab.recipes.demo.PRESETS).
     "quick": {"train.run.steps": 40, "adamw_lrs": [3e-4, 1e-3], "sgd_lrs": [0.1, 1.0]},
     "default": {},
     "full": {"train.run.steps": 300, "adamw_lrs": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], "sgd_lrs": [1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]},
 }
-
-
-def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
-    """Build the config from CLI arguments (used by cli.py)."""
-    from opdlab.cli import parse_set
-
-    overrides: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {}
-    overrides.update({"kind": args.kind, "out": args.out, "overwrite": args.overwrite, "resume": args.resume})
-    overrides.update(parse_set(args.set))
-    return load_config(ExperimentConfig, args.config, overrides)
 
 
 def experiment(cfg: ExperimentConfig) -> Path:
@@ -72,17 +65,21 @@ def train_arm(base: DistillConfig, run_dir: Path, overrides: dict[str, Any] | No
     from opdlab.recipes.distill import distill
 
     cfg = load_config(DistillConfig, None, _flatten(to_dict(base)) | (overrides or {}) | {"out": str(run_dir)})
-    info = run_dir / "run.json"
-    if info.is_file() and (run_dir / "final").is_dir():
-        status = json.loads(info.read_text(encoding="utf-8"))
-        if status.get("status") == "finished" and int(status.get("step", -1)) == cfg.run.steps:
-            return run_dir
+    if finished_step(run_dir) == cfg.run.steps:
+        return run_dir
     if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file():
         try:
-            return distill(cfg, resume=str(run_dir), progress=progress)
+            return distill(dataclasses.replace(cfg, resume=str(run_dir)), progress=progress)
         except UserError:
             pass  # no complete checkpoint yet: start the arm again
-    return distill(cfg, overwrite=True, progress=progress)
+    return distill(dataclasses.replace(cfg, overwrite=True), progress=progress)
+
+
+def opd_arm(train: DistillConfig) -> DistillConfig:
+    """A copy of an experiment's base run as OPD: opsd (OPD with its own teacher) stays opsd, others become opd."""
+    arm = copy.deepcopy(train)
+    arm.method = "opsd" if arm.method == "opsd" else "opd"
+    return arm
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -139,8 +136,7 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
     from opdlab.subnet.masks import extract_mask, mask_metadata, random_like, save_mask
 
     started = time.time()
-    train = copy.deepcopy(cfg.train)
-    train.method = "opsd" if train.method == "opsd" else "opd"  # self-distillation is OPD with its own teacher
+    train = opd_arm(cfg.train)
     train.run.save_dtype = "both"
     full = full_run if full_run is not None else train_arm(train, out / "runs" / "full", progress=progress)
     source = source_of(full)
@@ -161,7 +157,7 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
     arms: dict[str, dict[str, Any]] = {}
     for name, mask in (("full", None), ("subnetwork", mask_file), ("random", random_file)):
         run_dir = full if mask is None else train_arm(train, out / "runs" / name, {"optim.mask": str(mask)}, progress)
-        row = {"run_dir": str(run_dir.resolve()), "mask": str(mask) if mask else None,
+        row = {"run_dir": relative_path(run_dir, out), "mask": relative_path(mask, out) if mask else None,
                "trainable_fraction": _trainable_fraction(mask)}
         row.update(final_eval(run_dir))
         if mask is not None:
@@ -172,8 +168,9 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
         "schema": 1,
         "kind": "subnetwork",
         "num_eval": train.data.num_eval,
-        "source": {"path": str(source), "accuracy": first["accuracy_start"], "reverse_kl": first["reverse_kl_start"]},
-        "mask": {"file": str(mask_file), "atol": cfg.mask_atol, "dtype": cfg.mask_dtype,
+        "source": {"path": relative_path(source, out), "accuracy": first["accuracy_start"],
+                   "reverse_kl": first["reverse_kl_start"]},
+        "mask": {"file": relative_path(mask_file, out), "atol": cfg.mask_atol, "dtype": cfg.mask_dtype,
                  "density": arms["subnetwork"]["trainable_fraction"]},
         "runs": arms,
         "seconds": round(time.time() - started, 1),
@@ -197,8 +194,9 @@ def _adam_state(run_dir: Path) -> tuple[dict, list[str]] | None:
     return state, list(meta.get("param_names", []))
 
 
-def adam_evidence(run_dir: Path) -> dict[str, Any] | None:
-    """optimizers.json's "second_moment_cv" row for a finished AdamW run (None without Adam state)."""
+def adam_evidence(run_dir: Path, out: Path) -> dict[str, Any] | None:
+    """optimizers.json's "second_moment_cv" row for a finished AdamW run (None without Adam state); its
+    run_dir is relative to `out`, the folder of the optimizers.json it goes into."""
     from opdlab.subnet.evidence import second_moment_spread
 
     loaded = _adam_state(run_dir)
@@ -206,7 +204,7 @@ def adam_evidence(run_dir: Path) -> dict[str, Any] | None:
         return None
     spread = second_moment_spread(*loaded)
     lr = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
-    return {"run_dir": str(run_dir), "lr": lr, "median_cv": spread["median"], "mean_cv": spread["mean"],
+    return {"run_dir": relative_path(run_dir, out), "lr": lr, "median_cv": spread["median"], "mean_cv": spread["mean"],
             "per_tensor": spread["per_tensor"]}
 
 
@@ -219,15 +217,14 @@ def run_optimizers(
     (the demo passes its main opd/sft/rl runs); other methods are trained at AdamW's best lr.
     """
     started = time.time()
-    train = copy.deepcopy(cfg.train)
-    train.method = "opsd" if train.method == "opsd" else "opd"  # self-distillation is OPD with its own teacher
+    train = opd_arm(cfg.train)
     arms = [("adamw", lr, {"optim.optimizer": "adamw"}) for lr in cfg.adamw_lrs]
     arms += [("sgd", lr, {"optim.optimizer": "sgd", "optim.momentum": 0.0}) for lr in cfg.sgd_lrs]
     arms += [("sgd_momentum", lr, {"optim.optimizer": "sgd", "optim.momentum": cfg.sgd_momentum}) for lr in cfg.sgd_lrs]
     sweep = []
     for name, lr, extra in arms:
         run_dir = train_arm(train, out / "runs" / f"{name}-lr{lr:g}", {**extra, "optim.lr": lr}, progress)
-        row = {"optimizer": name, "lr": lr, "run_dir": str(run_dir.resolve())}
+        row = {"optimizer": name, "lr": lr, "run_dir": relative_path(run_dir, out)}
         row.update(final_eval(run_dir))
         sweep.append(row)
     best: dict[str, Any] = {}
@@ -243,11 +240,11 @@ def run_optimizers(
         if evidence_runs and method in evidence_runs:
             run_dir = Path(evidence_runs[method])
         elif method == "opd":
-            run_dir = Path(best["adamw"]["run_dir"])
+            run_dir = out / best["adamw"]["run_dir"]
         else:
             run_dir = train_arm(train, out / "runs" / f"evidence-{method}", {"method": method, "optim.optimizer": "adamw",
                                                                            "optim.lr": best_lr}, progress)
-        row = adam_evidence(run_dir)
+        row = adam_evidence(run_dir, out)
         if row is not None:
             evidence[method] = row
     result = {"schema": 1, "kind": "optimizers", "num_eval": train.data.num_eval, "sweep": sweep, "best": best,

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from opdlab.errors import UserError
-from opdlab.fileio import read_jsonl
+from opdlab.fileio import read_jsonl, resolve_path
 from opdlab.report.findings import FindingInputs
 
 SCHEMA = 1  # newest schema version of every JSON file this module reads
@@ -208,6 +208,16 @@ def read_analysis(path: Path, name: str) -> Analysis:
 # ----------------------------------------------------------------------------- method labels
 
 
+def analysis_method(a: Analysis, root: Path) -> str | None:
+    """Which training method (a METHOD_FAMILY label) produced the tuned side of an analysis: the
+    "method" that `opdlab analyze` records in analysis.json (null when TUNED was not an opdlab run).
+    Files written before it recorded one get `_legacy_method`."""
+    if "method" not in a.data:
+        return _legacy_method(a, root)
+    method = a.data["method"]
+    return method if method in METHOD_FAMILY else None
+
+
 def method_from_name(name: str) -> str | None:
     """'opd', 'opsd', 'sft' or 'rl' when exactly one of them is a word of `name` ('analysis/opd-lr1e-6' -> 'opd')."""
     words = set(re.split(r"[^a-z0-9]+", name.lower()))
@@ -215,33 +225,20 @@ def method_from_name(name: str) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _run_config_method(tuned: str, analysis_dir: Path, root: Path) -> str | None:
-    """The `method` in the config.yaml of the run folder a tuned checkpoint path points into."""
-    candidates = [Path(tuned)] if Path(tuned).is_absolute() else [analysis_dir / tuned, root / tuned, Path(tuned)]
-    for cand in candidates:
-        for folder in (cand, cand.parent):  # a run folder, or its final/ checkpoint
-            cfg = folder / "config.yaml"
-            if cfg.is_file() and (folder / "metrics.jsonl").is_file():
-                try:
-                    loaded = yaml.safe_load(cfg.read_text(encoding="utf-8"))
-                except (yaml.YAMLError, OSError, UnicodeDecodeError):
-                    return None
-                method = loaded.get("method") if isinstance(loaded, dict) else None
-                return method if method in METHOD_FAMILY else None
-    return None
-
-
-def analysis_method(a: Analysis, root: Path) -> str | None:
-    """Which training method (a METHOD_FAMILY label) produced the tuned side of an analysis, from (in
-    order): `analysis.json`'s optional "method", the tuned run folder's config.yaml, the folder name."""
-    explicit = a.data.get("method")
-    if explicit in METHOD_FAMILY:
-        return str(explicit)
+def _legacy_method(a: Analysis, root: Path) -> str | None:
+    """For an analysis.json without "method" (older opdlab, or written by hand): the `method` in the
+    config.yaml of the run folder its `tuned` path points into, else a method word of the folder name."""
     tuned = a.data.get("tuned")
     if isinstance(tuned, str) and tuned:
-        m = _run_config_method(tuned, a.path, root)
-        if m:
-            return m
+        for cand in (resolve_path(tuned, a.path), root / tuned, Path(tuned)):
+            for folder in (cand, cand.parent):  # a run folder, or its final/ checkpoint
+                if (folder / "config.yaml").is_file() and (folder / "metrics.jsonl").is_file():
+                    try:
+                        loaded = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+                    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                        return None
+                    method = loaded.get("method") if isinstance(loaded, dict) else None
+                    return method if method in METHOD_FAMILY else None
     return method_from_name(a.name) or method_from_name(a.path.name)
 
 
@@ -258,14 +255,17 @@ def _display_name(path: Path, root: Path) -> str:
     return "/".join(parts)
 
 
-def _resolve_dir(path: str, *bases: Path) -> Path | None:
-    """An existing folder named by `path`: absolute, relative to one of `bases` or the working folder,
-    or (for a path written relative to another working folder) its trailing parts under a base."""
+def _resolve_dir(path: str, json_file: Path, root: Path) -> Path | None:
+    """The existing folder a result file names: relative to the file's folder (as opdlab writes them)
+    or absolute. Files written before paths were relative to the file held paths relative to the
+    working folder of that time: for those, the path relative to DIR or to the working folder now, or
+    its trailing parts under the file's folder or DIR, are tried."""
+    recorded = resolve_path(path, json_file.parent)
+    if recorded.is_dir() or Path(path).is_absolute():
+        return recorded if recorded.is_dir() else None
     p = Path(path)
-    if p.is_absolute():
-        return p if p.is_dir() else None
-    cands = [b / p for b in bases] + [p]
-    cands += [b / Path(*p.parts[-k:]) for k in range(len(p.parts) - 1, 0, -1) for b in bases]
+    bases = (json_file.parent, root)
+    cands = [root / p, p] + [b / Path(*p.parts[-k:]) for k in range(len(p.parts) - 1, 0, -1) for b in bases]
     return next((c for c in cands if c.is_dir()), None)
 
 
@@ -279,7 +279,7 @@ def fill_num_eval(obj: dict[str, Any], json_file: Path, root: Path) -> None:
     rows += [r for r in obj.get("sweep") or [] if isinstance(r, dict)]
     for row in rows:
         d = row.get("run_dir") if isinstance(row, dict) else None
-        folder = _resolve_dir(d, json_file.parent, root) if isinstance(d, str) and d else None
+        folder = _resolve_dir(d, json_file, root) if isinstance(d, str) and d else None
         if folder is not None and (folder / "config.yaml").is_file():
             try:
                 cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
@@ -337,10 +337,9 @@ def sweep_analysis_dirs(found: Found) -> set[Path]:
     out: set[Path] = set()
     if not found.lr_sweep:
         return out
-    base = found.sources["lr_sweep"].parent
     for point in found.lr_sweep.get("points") or []:
         d = point.get("analysis_dir") if isinstance(point, dict) else None
-        folder = _resolve_dir(d, base, found.root) if isinstance(d, str) and d else None
+        folder = _resolve_dir(d, found.sources["lr_sweep"], found.root) if isinstance(d, str) and d else None
         if folder is not None:
             out.add(folder.resolve())
     return out
@@ -376,10 +375,19 @@ def companion_fp32(found: Found, a: Analysis) -> Analysis | None:
     if a.dtype == "fp32":
         return None
     for other in found.analyses:
-        if (other is not a and other.dtype == "fp32" and other.data.get("base") == a.data.get("base")
-                and other.data.get("tuned") == a.data.get("tuned")):
+        if other is not a and other.dtype == "fp32" and all(_same_path(a, other, key) for key in ("base", "tuned")):
             return other
     return None
+
+
+def _same_path(a: Analysis, b: Analysis, key: str) -> bool:
+    """Whether two analyses name the same checkpoint under `key` (each path relative to its own file)."""
+    x, y = a.data.get(key), b.data.get(key)
+    if isinstance(x, str) and isinstance(y, str):
+        px, py = resolve_path(x, a.path), resolve_path(y, b.path)
+        if px.exists() and py.exists():
+            return px.resolve() == py.resolve()
+    return x == y  # names that are not paths on this machine (a model name, a moved checkpoint)
 
 
 def _opd_order(a: Analysis) -> tuple[int, int, str]:
