@@ -47,7 +47,7 @@ def test_subnetwork_experiment_retrains_only_the_mask(pair, tmp_path):
     assert result["runs"]["subnetwork"]["trainable_fraction"] == pytest.approx(density)
     # Outside its mask, the random-mask run kept the source weights bit for bit.
     source = load_file(str(pair[0] / "model.safetensors"))
-    tuned = load_file(str(Path(result["runs"]["random"]["run_dir"]) / "final-fp32" / "model.safetensors"))
+    tuned = load_file(str(out / result["runs"]["random"]["run_dir"] / "final-fp32" / "model.safetensors"))
     for name, keep in control.items():
         if name in source:
             assert torch.equal(tuned[name][~keep], source[name][~keep]), name
@@ -90,5 +90,5 @@ def test_optimizer_experiment_keeps_self_distillation(pair, tmp_path):
     assert main(["experiment", "optimizers", "--out", str(out), *settings, *extra]) == 0
     result = json.loads((out / "optimizers.json").read_text())
     for row in result["sweep"]:
-        info = json.loads((Path(row["run_dir"]) / "run.json").read_text())
+        info = json.loads((out / row["run_dir"] / "run.json").read_text())  # paths are relative to the file
         assert info["method"] == "opsd" and info["teacher"] == info["student"]
