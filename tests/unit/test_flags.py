@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import importlib
 import inspect
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -167,14 +166,6 @@ def test_shortcuts_and_presets():
     assert quick.sgd_lrs == PRESETS["quick"]["sgd_lrs"]
     mine = cli.to_config(parse(["experiment", "optimizers", "--out", "x", "--preset", "quick", "--sgd-lrs", "0.5"]))
     assert mine.sgd_lrs == [0.5]  # a flag beats the preset
-
-
-def test_no_help_text_quotes_a_measured_time():
-    timing = re.compile(r"~\s*\d|\b\d+(\.\d+)?\s*(min|minutes?|s|secs?|seconds?|h|hours?)\b")
-    texts = [(name, a.option_strings or a.dest, a.help or "") for name, p in _subparsers().items() for a in p._actions]
-    texts += [("-", c, info.help) for c in CONFIGS for info in fields_of(c)]
-    hits = [t for t in texts if timing.search(t[2])]
-    assert not hits, hits
 
 
 def test_help_is_read_from_the_docstring_under_each_field():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import re
 
-import pytest
-
 from opdlab.cli import build_parser
 
 TIMING = re.compile(r"\d+(?:\.\d+)?\s*(?:min|mins|minutes?|s|secs?|seconds?|h|hours?)\b", re.I)
@@ -32,7 +30,6 @@ def test_the_timing_pattern_tells_measured_times_from_rough_sizes():
         assert not TIMING.search(text), text
 
 
-@pytest.mark.xfail(strict=True, reason="cli help timings removed by the config work")
 def test_no_help_text_quotes_measured_minutes():
     found = []
     for command, parser in _parsers(build_parser()):
