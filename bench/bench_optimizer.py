@@ -32,8 +32,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench" / "lib"))
 
 from opdlab.fileio import write_json  # noqa: E402
+from provenance import keep_history, machine  # noqa: E402
 from opdlab.subnet.optimizers import MaskedAdamW, optimizer_state_bytes  # noqa: E402
 
 SIZES = {
@@ -143,11 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         "schema": 1,
         "benchmark": "optimizer",
         "command": "python bench/bench_optimizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                    "load_average_start": load_start,
-                    "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "machine": {**machine(load_start), "torch_threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "settings": {"size": args.size, "model": dict(zip(("hidden", "layers", "intermediate", "heads", "kv_heads",
                                                            "vocab"), SIZES[args.size])),
@@ -156,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "mask": "independent per coordinate (rand < density), seed " + str(args.seed + 1)},
         "results": results,
     }
+    report = keep_history(args.out, report, lambda previous: {
+        r["name"]: {"step_ms_median": round(r["step_ms_median"], 1), "state_bytes": r["state_bytes"]}
+        for r in previous.get("results", [])})
     write_json(args.out, report)
     print(table(report))
     print(f"wrote {args.out}")

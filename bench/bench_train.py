@@ -52,6 +52,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench" / "lib"))
+
+from provenance import keep_history, machine  # noqa: E402
 
 PREFIX = "@@bench "  # protocol lines on a child's stdout; anything else there is ignored
 QUIET = {"TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -375,6 +378,24 @@ class Child:
 # ----------------------------------------------------------------------------- the parent
 
 
+def summarize(report: dict) -> dict:
+    """A replaced run, for the history list: per size, throughput and the opdlab/TRL ratio."""
+    sizes = {}
+    for r in report.get("results", []):
+        row: dict[str, Any] = {}
+        for tool in ("opdlab", "trl"):
+            if tool in r:
+                row[f"{tool}_tokens_per_s_median"] = round(r[tool]["tokens_per_s_median"], 1)
+                row[f"{tool}_per_step_s_median"] = {k: round(v, 3) for k, v in r[tool]["per_step_s_median"].items()}
+                row[f"{tool}_peak_rss_mb"] = round(r[tool]["peak_rss_mb"], 1)
+        ratio = r.get("opdlab_vs_trl") or {}
+        for key in ("throughput_ratio_median", "throughput_ratio_min", "throughput_ratio_max"):
+            if key in ratio:
+                row[key] = round(ratio[key], 3)
+        sizes[r["size"]] = row
+    return {"sizes": sizes}
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -510,8 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "schema": 1, "benchmark": "train",
         "command": "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "machine": machine(load_start),
         "versions": versions(),
         "settings": {**settings, "tools": tools, "samples_per_prompt": 1, "top_p": 1.0, "top_k": "off",
                      "loss": "full-vocabulary reverse KL (opdlab loss=reverse_kl; TRL DistillationTrainer beta=1.0)",
@@ -521,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "tokenizer": "opdlab built-in character tokenizer + filler tokens to the model vocabulary"},
         "results": results,
     }
+    report = keep_history(args.out, report, summarize)
     write_json(args.out, report)
     if not args.parity_only:
         print(table(report))

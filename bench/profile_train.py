@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import cProfile
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -27,8 +28,10 @@ from typing import Any, Iterator
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "src"))
+sys.path.insert(0, str(ROOT / "lib"))
 
 import bench_train  # noqa: E402
+from provenance import keep_history, machine  # noqa: E402
 
 # (label, file fragment, function name): cumulative time of each, per step
 PARTS = [
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from opdlab.fileio import write_json
 
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     s = {"prompts_per_step": args.prompts_per_step, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
          "lr": 1e-5, "threads": args.threads, "seed": 0}
     with tempfile.TemporaryDirectory(prefix="profile-train-") as tmp:
@@ -124,11 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
         top.append({"function": f"{Path(filename).name}:{line}({name})", "calls_per_step": nc / args.steps,
                     "own_s_per_step": tt / args.steps, "cumulative_s_per_step": ct / args.steps})
     report = {"schema": 1, "benchmark": "profile_train", "size": args.size, "parameters": params,
+              "command": "python bench/profile_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine(load_start),
               "settings": {**s, "steps": args.steps, "warmup": args.warmup},
               "versions": bench_train.versions(), "step_s_from_metrics": step_s,
               "tokens_per_step": sum(r["train/completion_tokens"] for r in timed) / len(timed),
               "parts": parts, "top_own_time": top}
     out = args.out or str(ROOT / "results" / f"profile_{args.size}.json")
+    report = keep_history(out, report, lambda previous: {
+        "step_s_from_metrics": previous.get("step_s_from_metrics"),
+        "parts": {p["part"].strip(): round(p["seconds_per_step"], 4) for p in previous.get("parts", [])}})
     write_json(out, report)
     print(f"{args.size}: {step_s * 1e3:.0f} ms per step (metrics), {report['tokens_per_step']:.0f} completion tokens")
     print("| part | ms per step | share of step |\n|---|---:|---:|")
