@@ -251,7 +251,8 @@ def parity(paths: dict, s: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDTrainer
 
-    from opdlab.distill.rollout import render_prompts, roll_out
+    from opdlab.data.prompts import render_prompts
+    from opdlab.distill.rollout import roll_out
     from opdlab.distill.train import accumulate_gradients
 
     torch.manual_seed(s["seed"])

@@ -37,7 +37,7 @@ from provenance import keep_history, machine  # noqa: E402
 PARTS = [
     ("step: roll out (generate + decode)", "distill/rollout.py", "roll_out"),
     ("  model.generate", "generation/utils.py", "generate"),
-    ("  sampling processor (SeededSampling)", "dist/sampling.py", "__call__"),
+    ("  sampling processor (SeededSampling)", "distill/sampling.py", "__call__"),
     ("  decode completions", "distill/rollout.py", "decode_completions"),
     ("step: teacher scoring", "distill/rollout.py", "score"),
     ("step: student + loss + backward (accumulate_gradients)", "distill/train.py", "accumulate_gradients"),

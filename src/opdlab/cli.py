@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from opdlab import __version__
 from opdlab import config as C
+from opdlab.config_loading import parse_set
+from opdlab.dist.launch import relaunch
 from opdlab.errors import UserError, environment_error
 from opdlab.flags import Flag, add_flags, as_flags, overrides
 
@@ -106,22 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """`--set a.b=1` items -> {'a.b': 1}, values parsed as YAML scalars."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.temperature=0.7")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set '{key}=\"...\"'") from None
-    return out
-
-
 def to_config(args: argparse.Namespace) -> Any:
     """Turn parsed arguments into the command's config object (defaults <- --config <- flags <- --set)."""
     cls, _, specs = FLAGS[args.command]
@@ -129,13 +115,13 @@ def to_config(args: argparse.Namespace) -> Any:
     values.update(parse_set(getattr(args, "set", [])))
     config_file = getattr(args, "config", None)
     if args.command == "distill" and args.resume and config_file is None:
-        from opdlab.distill.checkpoint import run_config_file
+        from opdlab.recipes.distill import run_config_file  # recipes load on use: `--help` stays quick
 
         config_file = str(run_config_file(Path(args.resume)))  # the run's own config; flags still override it
         if args.out is None:
             values["out"] = args.resume
     if args.command == "experiment" and args.preset:
-        from opdlab.recipes.experiment import PRESETS
+        from opdlab.recipes.experiment import PRESETS  # recipes load on use: `--help` stays quick
 
         values = PRESETS[args.preset] | {k: v for k, v in values.items() if v is not None}
     return C.load_config(cls, config_file, values)
@@ -146,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "distill" and args.nproc is not None and args.nproc > 1:
-            from opdlab.dist.launch import relaunch
-
             return relaunch(sys.argv[1:] if argv is None else list(argv), args.nproc)
         result = _recipe(args.command)(to_config(args))
     except UserError as exc:

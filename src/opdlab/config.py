@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # The loader lives in config_loading.py; these names stay importable from here (the config API).
-from opdlab.config_loading import NOT_SAVED, check, load_config, to_dict, to_yaml  # noqa: F401
+from opdlab.config_loading import NOT_SAVED, check, load_config, parse_set, to_dict, to_yaml  # noqa: F401
 
 # ----------------------------------------------------------------------------- training
 

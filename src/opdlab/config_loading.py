@@ -1,7 +1,8 @@
 """Loading configs: defaults <- YAML <- dotted overrides, with one-line errors (`opdlab.config` re-exports it).
 
 `load_config` checks every key and type against the dataclass and raises a `UserError` naming
-the file and field at fault; `to_yaml` writes the resolved config saved into every run folder.
+the file and field at fault; `parse_set` reads `--set KEY=VALUE` flags into
+its overrides; `to_yaml` writes the resolved config saved into every run folder.
 
     cfg = load_config(DistillConfig, "run.yaml", {"optim.lr": 1e-5, "method": "sft"})
 """
@@ -74,6 +75,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
             node = nxt
         node[parts[-1]] = value
     return _build(cls, data, source, prefix="")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set a.b=1` items -> {'a.b': 1}, values parsed as YAML scalars (the overrides `load_config` takes)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.temperature=0.7")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set '{key}=\"...\"'") from None
+    return out
 
 
 def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:

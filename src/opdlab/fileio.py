@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from opdlab.errors import UserError
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -131,8 +133,6 @@ def check_out_dir(out: str | os.PathLike, overwrite: bool) -> bool:
 
     Returns True when `out` holds earlier output that `overwrite` allows replacing.
     """
-    from opdlab.errors import UserError
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")

@@ -1,4 +1,4 @@
-"""Fixtures of the faults suite (helpers live in faultkit.py)."""
+"""Fixtures of the faults suite (its helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from opdlab.analysis.pairs import Checkpoint
-from opdlab.cli import parse_set
+from opdlab.config import parse_set
 from opdlab.config import DistillConfig, load_config
 from opdlab.data.prompts import read_prompts
 from opdlab.errors import UserError

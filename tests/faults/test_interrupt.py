@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from faultkit import REPO, distill_args, logged_steps, spawn
+from helpers import REPO, distill_args, logged_steps, spawn
 from safetensors.torch import load_file
 
 from opdlab.cli import main

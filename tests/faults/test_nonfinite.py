@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import cli_error, distill_args
+from helpers import cli_error, distill_args
 from safetensors.torch import load_file, save_file
 
 from opdlab.cli import main

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultkit import cli_error, distill_args
+from helpers import cli_error, distill_args
 
 import opdlab
 from opdlab.cli import build_parser, main, to_config

@@ -238,7 +238,8 @@ def test_scoring_a_left_padded_batch_equals_plain_forwards(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
     from opdlab.data.tasks import get_task
-    from opdlab.distill.rollout import completion_logits, render_prompts, roll_out, score
+    from opdlab.data.prompts import render_prompts
+    from opdlab.distill.rollout import completion_logits, roll_out, score
     from opdlab.models.loading import load_tokenizer
 
     folder = save_random_model(tmp_path / arch, arch=arch, seed=5)

@@ -1,7 +1,7 @@
 """`torchrun --nproc-per-node 2` (FSDP2, gloo on CPU) against a single process with the same global batch.
 
 What is compared, and the tolerance:
-- Rollouts are seeded per completion (opdlab.dist.sampling), so both runs sample the same tokens:
+- Rollouts are seeded per completion (opdlab.distill.sampling), so both runs sample the same tokens:
   completion-token counts and rewards must be equal.
 - Losses, gradient norms and weights differ only by floating-point reduction order (the gradient
   is summed over two ranks and micro-batches of different width). Measured after 3 AdamW steps at

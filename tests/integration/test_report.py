@@ -4,95 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from opdlab.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_findings import FAILING_ANALYSIS, analysis, optimizers, subnetwork  # noqa: E402
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj), encoding="utf-8")
-
-
-def write_run(folder: Path, method: str, steps: int = 20, optimizer: str = "adamw", lr: float = 1e-5,
-              final_acc: float = 0.6, num_eval: int = 128) -> None:
-    """A run folder as `opdlab distill` writes it: config.yaml, metrics.jsonl (step 0 eval only), final/."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "method": method, "optim": {"optimizer": optimizer, "lr": lr}, "run": {"steps": steps},
-        "data": {"num_eval": num_eval}}), encoding="utf-8")
-    lines = [{"step": 0, "eval/accuracy": 0.1, "eval/reverse_kl": 1.0}]
-    for s in range(1, steps + 1):
-        row = {"step": s, "train/loss": 1.0 / s, "train/reverse_kl": 1.0 / s, "train/reward": 0.0,
-               "train/grad_norm": 1.0, "train/lr": lr, "train/completion_tokens": 64, "train/tokens_per_s": 1000.0,
-               "time/rollout_s": 0.1, "time/score_s": 0.05, "time/update_s": 0.05}
-        if s % 5 == 0:
-            row.update({"eval/accuracy": 0.1 + (final_acc - 0.1) * s / steps, "eval/reverse_kl": 1.0 / (1 + s)})
-        lines.append(row)
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    (folder / "final").mkdir(exist_ok=True)
-    (folder / "final" / "config.json").write_text("{}", encoding="utf-8")
-
-
-def write_analysis(folder: Path, data: dict, tuned: str, dtype: str = "bf16", png: bool = True) -> None:
-    data = dict(data, base="source", tuned=tuned, dtype=dtype)
-    write_json(folder / "analysis.json", data)
-    rows = ["name,layer,module,block,shape,numel,sparsity,relative_update_norm"]
-    rows += [f"model.layers.{i}.mlp.up_proj.weight,{i},up,mlp,128x512,65536,0.8,0.003" for i in range(4)]
-    rows += ["model.norm.weight,,norm,norm,128,128,1.0,0.0"]
-    (folder / "tensors.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    if png:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(2, 1.5))
-        fig.add_subplot().plot([0, 1], [1, 0])
-        fig.savefig(folder / "sparsity_by_layer.png")
-
-
-def write_demo(root: Path, holds: bool = True) -> Path:
-    """A complete synthetic demo folder; every claim holds (or, with holds=False, fails)."""
-    for m in ("opd", "sft", "rl"):
-        write_run(root / "runs" / m, m)
-    opd = analysis() if holds else FAILING_ANALYSIS
-    sft = analysis(sparsity=0.1, rel=0.05, e_both=0.05, low_mag=1.0) if holds else FAILING_ANALYSIS
-    rl = analysis(sparsity=0.85, rel=0.002, e_both=0.009, low_mag=1.5)
-    for m, data in (("opd", opd), ("sft", sft), ("rl", rl)):
-        write_analysis(root / "analysis" / m, data, tuned=f"../../runs/{m}/final", png=(m == "opd"))
-    write_analysis(root / "analysis" / "opd-fp32", analysis(sparsity=0.02), tuned="../../runs/opd/final", dtype="fp32",
-                   png=False)
-    write_json(root / "compare" / "opd-vs-rl" / "compare.json", {
-        "schema": 1, "base": "source", "run_a": "runs/opd", "run_b": "runs/rl", "dtype": "bf16", "atol": 0.0,
-        "summary": {"jaccard": 0.3, "jaccard_random": 0.1, "jaccard_ratio": 3.0, "coverage_a": 0.5,
-                    "coverage_a_random": 0.2, "coverage_a_ratio": 2.5, "coverage_b": 0.4, "coverage_b_random": 0.2,
-                    "coverage_b_ratio": 2.0, "density_a": 0.2, "density_b": 0.2}, "groups": {}})
-    write_json(root / "experiments" / "subnetwork" / "subnetwork.json", subnetwork() if holds else subnetwork(rand=0.59))
-    write_json(root / "experiments" / "optimizers" / "optimizers.json",
-               optimizers() if holds else optimizers(sgdm=(0.2, 0.65, 0.3)))
-    points = []
-    for i, lr in enumerate((1e-6, 1e-5, 1e-4)):
-        d = f"analysis/lr-{lr:g}"
-        write_analysis(root / "experiments" / "lr_sweep" / d, analysis(sparsity=0.9 - 0.4 * i), tuned=f"lr{i}", png=False)
-        points.append({"lr": lr, "sparsity_bf16": 0.9 - 0.4 * i, "sparsity_fp32": 0.01, "below_half_ulp_fraction":
-                       0.88 - 0.4 * i, "relative_update_norm": 1e-3 * 10 ** i, "accuracy": 0.2 + 0.1 * i,
-                       "analysis_dir": d, "run_dir": f"runs/lr-{lr:g}"})
-    write_json(root / "experiments" / "lr_sweep" / "lr_sweep.json", {"schema": 1, "method": "opd", "points": points})
-    write_json(root / "demo.json", {"schema": 1, "preset": "quick", "total_s": 171.0, "stages": [
-        {"name": "opd", "kind": "run", "path": "runs/opd", "seconds": 30.5, "status": "done"},
-        {"name": "analysis-opd", "kind": "analysis", "path": "analysis/opd", "seconds": 4.2, "status": "done"}]})
-    return root
-
-
-def run_report(path: Path, *extra: str) -> Path:
-    assert main(["report", str(path), *extra]) == 0
-    out = Path(extra[extra.index("--out") + 1]) if "--out" in extra else path / "report"
-    return out / "report.html"
+from helpers import analysis, run_report, subnetwork, write_analysis, write_demo, write_json, write_run
 
 
 def verdicts(report_dir: Path) -> dict[int, str]:

@@ -1,7 +1,7 @@
 """The built-in tiny VLM pair: loads with Auto classes, teacher beats student, OPD lowers the KL.
 
-Uses the pair from `build_vlm_pair` (copied from the weights shipped in the package, or
-trained once into the cache when none are shipped).
+Uses the pair from `build_vlm_pair` (copied from the weights shipped in the package into the
+cache).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from opdlab.distill.vlm import (
     rollout_logits,
     score_visual,
 )
-from opdlab.models.vlm_zoo import build_vlm_pair, get_vlm_spec, read_metadata, vlm_accuracy
+from opdlab.models.vlm_zoo import build_vlm_pair, get_vlm_spec, read_metadata
+from opdlab.recipes.zoo_train_vlm import vlm_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def pair():
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     torch.set_num_threads(2)
-    paths = build_vlm_pair("shapes-vlm-tiny", progress=False)
+    paths = build_vlm_pair("shapes-vlm-tiny")
     load = lambda p: (AutoModelForImageTextToText.from_pretrained(p).eval(), AutoProcessor.from_pretrained(p))  # noqa: E731
     return paths, load(paths.student), load(paths.teacher)
 

@@ -13,6 +13,7 @@ from opdlab import cli
 from opdlab.data.tasks import get_task
 from opdlab.errors import UserError
 from opdlab.models import zoo
+from opdlab.recipes import zoo_train
 
 
 @pytest.fixture()
@@ -36,12 +37,12 @@ def test_shipped_pair_is_complete(name: str) -> None:
     assert shipped is not None, f"src/opdlab/zoo_data/{name} is missing; see docs/zoo.md"
     meta = zoo.read_metadata(shipped)
     # shipped weights must come from the current recipe, or build_pair would re-copy them forever
-    assert meta["spec"] == zoo._spec_dict(zoo.get_spec(name)), "regenerate the shipped pair (docs/zoo.md)"
+    assert meta["spec"] == zoo.spec_dict(zoo.get_spec(name)), "regenerate the shipped pair (docs/zoo.md)"
     assert meta["student"]["step"] < meta["teacher"]["step"]
 
 
 def test_build_copies_shipped_pair_into_cache_and_it_loads_with_plain_transformers(cache: Path) -> None:
-    paths = zoo.build_pair("arith-tiny", progress=False)
+    paths = zoo.build_pair("arith-tiny")
     assert paths.student == cache / "zoo" / "arith-tiny" / "student"
     assert paths.task == "addition" and zoo.is_cached("arith-tiny")
     meta = zoo.read_metadata(paths.student.parent)
@@ -54,7 +55,7 @@ def test_build_copies_shipped_pair_into_cache_and_it_loads_with_plain_transforme
         assert sum(p.numel() for p in model.parameters()) == meta["num_params"]
     # a second call finds the cache and does not copy again
     stamp = (paths.student / "model.safetensors").stat().st_mtime_ns
-    assert zoo.build_pair("arith-tiny", progress=False) == paths
+    assert zoo.build_pair("arith-tiny") == paths
     assert (paths.student / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -65,14 +66,14 @@ def test_teacher_is_clearly_stronger_than_student_on_held_out_prompts(cache: Pat
     Shipped pairs measured 0.14 / 0.88 (arith-tiny) and 0.34 / 0.92 (sort-tiny) on this sample.
     """
     torch.manual_seed(0)
-    paths = zoo.build_pair(name, progress=False)
+    paths = zoo.build_pair(name)
     tok = AutoTokenizer.from_pretrained(paths.student)
     # seed 1: a different held-out sample from the one the build used to pick checkpoints
     evals = get_task(paths.task).examples(100, seed=1, split="eval")
     acc = {}
     for role, folder in (("student", paths.student), ("teacher", paths.teacher)):
         model = AutoModelForCausalLM.from_pretrained(folder)
-        acc[role] = zoo.greedy_accuracy(model, tok, evals)
+        acc[role] = zoo_train.greedy_accuracy(model, tok, evals)
     assert acc["student"] >= 0.08, acc
     assert acc["teacher"] >= 0.85, acc
     assert acc["teacher"] - acc["student"] >= 0.5, acc
@@ -110,7 +111,7 @@ def test_training_sequences_supervise_only_the_answer_and_eos() -> None:
     from opdlab.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
-    ids, labels = zoo._encode(tok, [Example("add:47+86", "331", "addition"), Example("sort:ba", "ab", "sort")])
+    ids, labels = zoo_train._encode(tok, [Example("add:47+86", "331", "addition"), Example("sort:ba", "ab", "sort")])
     assert tok.decode(ids[0]) == "<bos><|user|>add:47+86<|assistant|>331<eos>"
     assert tok.decode(labels[0][labels[0] != -100]) == "331<eos>"
     assert tok.decode(labels[1][labels[1] != -100]) == "ab<eos>"

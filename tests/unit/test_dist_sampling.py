@@ -1,4 +1,4 @@
-"""Seeded per-completion sampling (opdlab.dist.sampling) and the single-process runtime helpers."""
+"""Seeded per-completion sampling (opdlab.distill.sampling) and the single-process runtime helpers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opdlab.dist.runtime import DistContext
-from opdlab.dist.sampling import SeededSampling, inverse_cdf_sample, nucleus_filter, row_seeds, seeded_uniform
+from opdlab.distill.sampling import SeededSampling, inverse_cdf_sample, nucleus_filter, row_seeds, seeded_uniform
 from opdlab.errors import UserError
 
 
@@ -142,7 +142,7 @@ def test_world_one_context_is_the_identity():
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: the error path cannot run")
 def test_vllm_backend_without_vllm_is_one_line():
-    from opdlab.dist.vllm_backend import require_vllm
+    from opdlab.distill.vllm_backend import require_vllm
 
     with pytest.raises(UserError, match=r"pip install 'opdlab\[vllm\]'") as info:
         require_vllm()

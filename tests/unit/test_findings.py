@@ -11,58 +11,10 @@ from opdlab.report import findings as F
 from opdlab.report import verdicts as V
 from opdlab.report.findings import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, FindingInputs, build_findings
 
-
-def analysis(sparsity=0.8, rel=0.003, rank=0.97, top8=0.62, e_both=0.008, e_rand=0.01, low_mag=1.4,
-             layer_norms=(0.003, 0.004, 0.0035, 0.0025), mlp=0.004, attn=0.0025) -> dict:
-    """An analysis.json dict in the format of docs/formats.md."""
-    return {
-        "schema": 1, "base": "source", "tuned": "runs/opd/final", "dtype": "bf16",
-        "summary": {"sparsity": sparsity, "sparsity_atol_1e-05": min(1.0, sparsity + 0.05), "relative_update_norm": rel,
-                    "median_rank_fraction_tol_1e-05": rank, "median_top8_energy": top8, "median_stable_rank": 3.1,
-                    "principal_energy_both_rho_0.1": e_both, "principal_energy_both_rho_0.1_random": e_rand,
-                    "low_magnitude_enrichment_rho_0.1": low_mag, "principal_mask_enrichment_rho_0.1": 0.7,
-                    "num_params": 1_000_000, "num_tensors": 30, "sparsity_fp32": 0.02, "below_half_ulp_fraction": 0.78},
-        "groups": {
-            "layer": [{"layer": i, "numel": 1000, "sparsity": sparsity, "sparsity_atol_1e-05": sparsity,
-                       "relative_update_norm": v, "energy_share": 0.25}
-                      for i, v in enumerate(layer_norms)] + [{"layer": "embed", "numel": 10, "sparsity": 1.0,
-                                                              "relative_update_norm": 0.0, "energy_share": 0.0}],
-            "module": [],
-            "block": [{"block": "mlp", "numel": 2000, "sparsity": sparsity, "relative_update_norm": mlp,
-                       "energy_share": 0.6},
-                      {"block": "attention", "numel": 2000, "sparsity": sparsity, "relative_update_norm": attn,
-                       "energy_share": 0.4}]},
-    }
+from helpers import FAILING_ANALYSIS, analysis, optimizers, subnetwork
 
 
-FAILING_ANALYSIS = analysis(sparsity=0.01, rel=0.25, rank=0.3, top8=0.1, e_both=0.2, e_rand=0.01, low_mag=0.95,
-                            layer_norms=(0.3, 0.01), mlp=0.2, attn=0.3)
 TENSORS = [{"name": f"t{i}", "rows": 128, "cols": 512} for i in range(5)] + [{"name": "norm", "rows": None, "cols": None}]
-
-
-def subnetwork(full=0.6, opd=0.58, rand=0.3, source=0.1, n=512) -> dict:
-    """A subnetwork.json dict as `opdlab experiment subnetwork` writes it."""
-    return {"schema": 1, "kind": "subnetwork", "num_eval": n,
-            "source": {"path": "source", "accuracy": source, "reverse_kl": 1.0},
-            "mask": {"file": "masks/subnetwork.safetensors", "atol": 0.0, "dtype": "bf16", "density": 0.2},
-            "runs": {"full": {"run_dir": "runs/full", "mask": None, "accuracy": full, "reverse_kl": 0.2,
-                              "trainable_fraction": 1.0},
-                     "subnetwork": {"run_dir": "runs/subnetwork", "accuracy": opd, "reverse_kl": 0.25,
-                                    "trainable_fraction": 0.2,
-                                    "close_to_full": {"frac_equal_1e-5": 0.9, "relative_distance": 0.1}},
-                     "random": {"run_dir": "runs/random", "accuracy": rand, "reverse_kl": 0.6,
-                                "trainable_fraction": 0.2,
-                                "close_to_full": {"frac_equal_1e-5": 0.3, "relative_distance": 0.8}}}}
-
-
-def optimizers(adamw=(0.4, 0.6, 0.5), sgd=(0.1, 0.2, 0.15), sgdm=(0.15, 0.3, 0.2), n=512) -> dict:
-    grids = {"adamw": (1e-4, 3e-4, 1e-3), "sgd": (1e-2, 3e-2, 1e-1), "sgd_momentum": (1e-3, 3e-3, 1e-2)}
-    accs = {"adamw": adamw, "sgd": sgd, "sgd_momentum": sgdm}
-    return {"schema": 1, "num_eval": n,
-            "sweep": [{"optimizer": o, "lr": lr, "accuracy": a, "reverse_kl": 1 - a, "run_dir": f"runs/{o}-{lr}"}
-                      for o in grids for lr, a in zip(grids[o], accs[o])],
-            "second_moment_cv": {m: {"run_dir": f"runs/{m}", "median_cv": cv, "mean_cv": cv}
-                                 for m, cv in (("opd", 1.3), ("sft", 0.9), ("rl", 1.1))}}
 
 
 def holding_inputs() -> FindingInputs:

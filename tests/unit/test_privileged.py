@@ -19,7 +19,8 @@ from opdlab.distill.evaluate import evaluate
 from opdlab.distill.privileged import (
     check_privileged, privileged_text, teacher_message, teacher_prompt_ids, teacher_view,
 )
-from opdlab.distill.rollout import completion_logits, render_prompts, roll_out, score, with_prompts
+from opdlab.data.prompts import render_prompts
+from opdlab.distill.rollout import completion_logits, roll_out, score, with_prompts
 from opdlab.errors import UserError
 from opdlab.models.loading import load_teacher, load_tokenizer
 from opdlab.models.zoo import save_random_model

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +24,7 @@ from opdlab.models.gguf import GGUF_INFO_FILE
 from opdlab.report import discover as D
 from opdlab.report.findings import build_findings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_findings import analysis  # noqa: E402
-from test_report import run_report, write_analysis, write_run  # noqa: E402
+from helpers import analysis, run_report, write_analysis, write_run
 
 GGUF_INFO = {"source": "/models/SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": "ab" * 32,
              "tensor_types": {"Q4_1": 210, "F32": 61, "Q8_0": 1}}

@@ -27,6 +27,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 
 from opdlab.errors import UserError
+from opdlab.models.gguf import as_gguf_folder
 
 # Applied in order to every tensor name; the first matching rule wins.
 _CANONICAL_RULES: list[tuple[re.Pattern[str], str]] = [
@@ -62,8 +63,6 @@ def resolve_checkpoint_files(path: str | Path, prefer_fp32: bool = False) -> lis
     With `prefer_fp32`, an opdlab run folder resolves to `final-fp32/` when it exists. A `.gguf`
     file, or the name of a shipped real model, resolves to its dequantized cached folder.
     """
-    from opdlab.models.gguf import as_gguf_folder
-
     converted = as_gguf_folder(path, "base")
     if converted is not None:
         return resolve_checkpoint_files(converted)

@@ -9,6 +9,7 @@ Example::
 
     examples = read_prompts("data/train.jsonl", require_answer=True)
     check_prompt_lengths(examples, tokenizer, max_tokens=512, source="data/train.jsonl")
+    prompt_ids = render_prompts(tokenizer, [e.prompt for e in examples])   # what rollouts sample from
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from opdlab.data.tasks import Example
+from opdlab.data.visual_tasks import VisualExample
 from opdlab.errors import UserError
 
 
@@ -66,8 +68,6 @@ def read_prompts(
         task = _optional_text(record, task_field, where, allow_int=False)
         privileged = _optional_text(record, privileged_field, where, allow_int=False) or None
         if image_field is not None:
-            from opdlab.data.visual_tasks import VisualExample
-
             image = _read_image(record.get(image_field), image_field, path.parent, where)
             examples.append(VisualExample(prompt=prompt, answer=answer, task=task, image=image, privileged=privileged))
             continue
@@ -95,13 +95,31 @@ def _read_image(value: Any, field: str, folder: Path, where: str) -> Any:
                         "use PNG or JPEG") from None
 
 
+def render_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt as a user turn plus the generation prompt (the chat template).
+
+    A tokenizer without a chat template (a base model) gets the plain text tokens.
+    """
+    out: list[list[int]] = []
+    for text in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        out.append(list(ids))
+    return out
+
+
 def check_prompt_lengths(examples: list[Example], tokenizer: Any, max_tokens: int, source: str | Path) -> None:
     """Raise a UserError naming the first prompt longer than `max_tokens` after the chat template.
 
-    Prompts are rendered exactly as rollouts render them (`opdlab.distill.rollout.render_prompts`).
+    Prompts are rendered exactly as rollouts render them (`render_prompts`): one rendering path
+    for counting and sampling.
     """
-    from opdlab.distill.rollout import render_prompts  # one rendering path for counting and sampling
-
     unit = "line" if str(source).endswith(".jsonl") else "row"
     for number, ids in enumerate(render_prompts(tokenizer, [e.prompt for e in examples]), start=1):
         if len(ids) > max_tokens:

@@ -46,7 +46,7 @@ def save_model(folder: Path, model: Any, tokenizer: Any, dtype: torch.dtype,
     The in-memory model keeps its fp32 weights: a cast copy of the state dict is saved, and
     config.json is patched to name the storage dtype so `from_pretrained(dtype="auto")` keeps it.
     """
-    # `state_dict`: full tensors gathered from an FSDP-sharded model (opdlab.dist.checkpoint).
+    # `state_dict`: full tensors gathered from an FSDP-sharded model (opdlab.distill.sharded_checkpoint).
     full = model.state_dict() if state_dict is None else state_dict
     # Tied weights once (before the cast makes separate copies), as save_pretrained would write them.
     state = {k: v.detach().to(dtype) for k, v in unique_tensors(full).items()}

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from opdlab.distill.checkpoint import list_checkpoints
 from opdlab.errors import UserError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -117,8 +118,6 @@ def nonfinite_reason(loss: float, grad_norm: float | torch.Tensor) -> str | None
 
 def last_checkpoint_name(run_dir: Path) -> str:
     """`checkpoints/step-N` of the newest complete checkpoint, or 'none' (for messages)."""
-    from opdlab.distill.checkpoint import list_checkpoints
-
     found = list_checkpoints(run_dir)
     return f"{found[-1][1].relative_to(run_dir)}" if found else "none (nothing to resume from)"
 

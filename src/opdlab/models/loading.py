@@ -25,6 +25,8 @@ from safetensors import SafetensorError
 from opdlab.config import ModelConfig
 from opdlab.errors import UserError
 from opdlab.models.gguf import SHIPPED_TASKS, as_gguf_folder
+from opdlab.models.vlm_zoo import VLM_PAIRS, build_vlm_pair
+from opdlab.models.zoo import build_pair
 
 
 @dataclass
@@ -174,9 +176,6 @@ def model_paths(cfg: ModelConfig, self_teacher: bool = False) -> tuple[Path, Pat
         student = resolve_model_dir(cfg.student, "student")
         return student, student, SHIPPED_TASKS.get(cfg.student)
     if cfg.student is None and cfg.teacher is None:
-        from opdlab.models.vlm_zoo import VLM_PAIRS, build_vlm_pair
-        from opdlab.models.zoo import build_pair
-
         pair = build_vlm_pair(cfg.pair) if cfg.pair in VLM_PAIRS else build_pair(cfg.pair)
         return Path(pair.student), Path(pair.teacher), pair.task
     if cfg.student is None or cfg.teacher is None:

@@ -1,6 +1,6 @@
 """The built-in tiny vision-language pair, and tiny VLMs of other families for tests.
 
-    paths = build_vlm_pair("shapes-vlm-tiny")     # copies the shipped weights (or trains, ~1-5 min), then cached
+    paths = build_vlm_pair("shapes-vlm-tiny")     # copies the shipped weights into the cache
     model = AutoModelForImageTextToText.from_pretrained(paths.student)
     processor = AutoProcessor.from_pretrained(paths.student)
 
@@ -10,16 +10,8 @@ tower on 32 x 32 images with 16 x 16 patches (one per scene quadrant: 4 image to
 and the built-in character tokenizer plus image tokens and a chat template for image parts.
 Nothing is downloaded: configs, tokenizer and processor are all constructed here.
 
-How the pair is made (as for the text pairs in `opdlab.models.zoo`):
-1. One model is trained from scratch by SFT (loss on answer tokens + EOS) on `shapes-count`
-   questions, so every part — vision tower, projector, language model — has weights with
-   structure. Why counting only: colour-at-cell and position questions need two hops (read
-   the question, then pick the matching image token); at this size they stayed at chance for
-   300 steps (measured), while counting leaves chance within ~125 steps.
-2. The *student* is the first evaluation at which greedy held-out accuracy reaches
-   `student_min_accuracy` (stopped by accuracy, not time: when tiny models leave a plateau
-   varies by seed).
-3. The *teacher* is the same run trained further, to `teacher_min_accuracy` or `max_steps`.
+The weights ship inside the package (`opdlab/zoo_data/shapes-vlm-tiny/`); how they were trained
+from the spec's seed is `opdlab.recipes.zoo_train_vlm` (`opdlab zoo build NAME --rebuild`).
 
 `tiny_vlm(family)` builds random-weight Qwen2.5-VL / Qwen2-VL / PaliGemma / LLaVA models with
 matching processors in well under a second, for the scoring tests of every supported family.
@@ -28,9 +20,7 @@ matching processors in well under a second, for the scoring tests of every suppo
 from __future__ import annotations
 
 import dataclasses
-import platform
 import shutil
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,8 +29,9 @@ from typing import Any, Literal
 import torch
 
 from opdlab.errors import UserError
-from opdlab.fileio import atomic_path, write_json
-from opdlab.models.zoo import METADATA_FILE, _is_complete, cache_dir, read_metadata  # one cache layout for every pair
+from opdlab.fileio import atomic_path
+from opdlab.models.tokenizer import build_tokenizer
+from opdlab.models.zoo import _is_complete, cache_dir, read_metadata  # one cache layout for every pair
 
 IMAGE_TOKEN = "<image>"
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
@@ -134,8 +125,6 @@ def build_vlm_tokenizer(family: VlmFamily = "llava") -> Any:
     Image tokens are appended after the text vocabulary, so a text token has the same id in
     the text and the VLM pairs.
     """
-    from opdlab.models.tokenizer import build_tokenizer
-
     tok = build_tokenizer([IMAGE_TOKEN, *QWEN_VISION_TOKENS])
     tok.chat_template = None  # the text template has no image slot; families below get their own
     if family in _IMAGE_PART:
@@ -290,22 +279,21 @@ def get_vlm_spec(name: str) -> VlmPairSpec:
         raise UserError(f"unknown VLM pair {name!r}; known: {', '.join(VLM_PAIRS)} (see `opdlab zoo list`)") from None
 
 
-def build_vlm_pair(name: str = "shapes-vlm-tiny", rebuild: bool = False, progress: bool = True) -> VlmPairPaths:
-    """Return the cached VLM pair `name`, training it from the spec's seed first if needed.
+def build_vlm_pair(name: str = "shapes-vlm-tiny") -> VlmPairPaths:
+    """Return the cached VLM pair `name`, copying the weights shipped in the package into the cache first.
 
-    A cached pair built from a different spec is replaced; `rebuild=True` always retrains.
+    A cached pair built from a different spec is replaced by the shipped one. Training the pair
+    from its seed is `opdlab zoo build NAME --rebuild` (`opdlab.recipes.zoo_train_vlm`).
     """
     spec = get_vlm_spec(name)
     target = vlm_pair_dir(name)
-    if rebuild or not is_vlm_cached(name):
+    if not is_vlm_cached(name):
         shipped = shipped_vlm_dir(name)
+        if shipped is None:
+            raise UserError(f"VLM pair {name!r}: no weights of its current spec ship with this install and none are "
+                            f"cached; train them with `opdlab zoo build {name} --rebuild`")
         with atomic_path(target) as tmp:
-            if shipped is not None and not rebuild:
-                shutil.copytree(shipped, tmp)
-            else:
-                meta = train_vlm_pair(spec, tmp, progress=progress)
-                meta.update(versions=_versions(), machine=f"{platform.machine()}, {spec.threads} torch threads")
-                write_json(tmp / METADATA_FILE, meta)
+            shutil.copytree(shipped, tmp)
     return VlmPairPaths(name=spec.name, student=target / "student", teacher=target / "teacher", task=spec.task)
 
 
@@ -326,122 +314,3 @@ def shipped_vlm_dir(name: str) -> Path | None:
     if not _is_complete(root) or read_metadata(root).get("spec") != dataclasses.asdict(get_vlm_spec(name)):
         return None
     return root
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def encode_answers(tokenizer: Any, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer tokens + EOS, right-padded: ids [N, C] and mask [N, C] (1 on answer and EOS)."""
-    seqs = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def vlm_accuracy(model: Any, processor: Any, examples: list[Any], max_new_tokens: int = 14) -> float:
-    """Greedy exact-match accuracy of `model` on visual examples."""
-    from opdlab.data.visual_tasks import visual_accuracy
-    from opdlab.distill.vlm import greedy_answers
-
-    with torch.no_grad():
-        return visual_accuracy(greedy_answers(model, processor, examples, max_new_tokens), examples)
-
-
-def train_vlm_pair(spec: VlmPairSpec, folder: Path, progress: bool = True) -> dict[str, Any]:
-    """Train the pair per `spec` into `folder` (student/, teacher/); return its metadata.
-
-    SFT on answer tokens through the same scoring path OPD uses (`opdlab.distill.vlm`),
-    so the pre-training exercises exactly the inputs distillation will see.
-    """
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForImageTextToText
-
-    from opdlab.data.visual_tasks import get_visual_task
-    from opdlab.distill.vlm import completion_logits, encode_visual_prompts
-
-    start = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(spec.threads)
-    try:
-        processor = build_processor("llava", spec.image_size, spec.patch_size)
-        tok = processor.tokenizer
-        config = model_config(
-            "llava", tok.get_vocab(), image_size=spec.image_size, patch_size=spec.patch_size,
-            vision_hidden=spec.vision_hidden, vision_layers=spec.vision_layers, text_hidden=spec.text_hidden,
-            text_layers=spec.text_layers, text_heads=spec.text_heads,
-        )
-        torch.manual_seed(spec.seed)
-        model = AutoModelForImageTextToText.from_config(config)
-        task = get_visual_task(spec.task)
-        train = task.examples(spec.train_pool, spec.seed, "train")
-        evals = task.examples(spec.num_eval, spec.seed, "eval")
-        prompts = encode_visual_prompts(processor, train)
-        answers_NC, answer_mask_NC = encode_answers(tok, [ex.answer for ex in train])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / spec.warmup_steps))
-        order = torch.Generator().manual_seed(spec.seed)
-        student: dict[str, torch.Tensor] | None = None
-        history: list[tuple[int, float]] = []
-        student_step, student_acc, teacher_acc, step = -1, 0.0, 0.0, 0
-        bar = tqdm(total=spec.max_steps, desc=f"zoo {spec.name}", disable=not progress)
-        model.train()
-        while step < spec.max_steps:
-            idx = torch.randint(0, len(train), (spec.batch_size,), generator=order)
-            mask_BC = answer_mask_NC[idx]
-            logits_BCV = completion_logits(model, prompts.select(idx), answers_NC[idx], mask_BC)
-            nll_BC = torch.nn.functional.cross_entropy(logits_BCV.transpose(1, 2), answers_NC[idx], reduction="none")
-            loss = (nll_BC * mask_BC).sum() / mask_BC.sum()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % spec.eval_every:
-                continue
-            acc = vlm_accuracy(model, processor, evals, spec.max_new_tokens)
-            history.append((step, acc))
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
-            if student is None and acc >= spec.student_min_accuracy:
-                student = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                student_step, student_acc = step, acc
-            if student is not None and acc >= spec.teacher_min_accuracy:
-                break
-        bar.close()
-        teacher_acc = history[-1][1] if history else 0.0
-        if student is None or teacher_acc <= student_acc:
-            raise UserError(
-                f"zoo {spec.name}: training did not give a student (>= {spec.student_min_accuracy}) and a stronger "
-                f"teacher in {spec.max_steps} steps (evals {history[-3:]}); try another seed"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        for role, weights in (("teacher", None), ("student", student)):
-            if weights is not None:
-                model.load_state_dict(weights)
-            model.save_pretrained(folder / role)
-            processor.save_pretrained(folder / role)
-        return {
-            "name": spec.name,
-            "task": spec.task,
-            "family": "llava",
-            "spec": dataclasses.asdict(spec),
-            "student": {"step": student_step, "eval_accuracy": student_acc},
-            "teacher": {"step": step, "eval_accuracy": teacher_acc},
-            "eval_history": history,
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "build_seconds": round(time.perf_counter() - start, 1),
-        }
-    finally:
-        torch.set_num_threads(threads_before)

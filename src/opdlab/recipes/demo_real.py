@@ -38,6 +38,9 @@ from typing import Any
 
 from opdlab.config import DemoConfig, DistillConfig, load_config
 from opdlab.fileio import prepare_out_dir, relative_path, write_json
+from opdlab.models.gguf import gguf_folder, shipped_gguf
+from opdlab.recipes.demo_stages import Manifest, analyze_pair, write_report
+from opdlab.recipes.experiment import adam_evidence, final_eval, train_arm
 
 MODEL = "smollm2-135m-instruct"
 TASK = "chat-subtraction"
@@ -80,10 +83,6 @@ def real_base_config(preset: RealPreset, out: Path) -> DistillConfig:
 
 def demo_real(cfg: DemoConfig) -> Path:
     """Run the real-model demo into `cfg.out`; return the report's path."""
-    from opdlab.models.gguf import gguf_folder, shipped_gguf
-    from opdlab.recipes.demo import Manifest, analyze_pair, write_report
-    from opdlab.recipes.experiment import train_arm
-
     preset = REAL_PRESETS[cfg.preset]
     out = Path(cfg.out)
     gguf = shipped_gguf(MODEL)  # fails first, with the install command, when the extra is missing
@@ -121,8 +120,6 @@ def demo_real(cfg: DemoConfig) -> Path:
 
 def optimizer_comparison(runs: dict[str, Path], base: DistillConfig, out: Path) -> Path:
     """optimizers.json from the AdamW and SGD runs (one lr each), with AdamW's second-moment spread."""
-    from opdlab.recipes.experiment import adam_evidence, final_eval
-
     sweep: list[dict[str, Any]] = []
     for name, optimizer, lr in (("opsd", "adamw", base.optim.lr), ("opsd-sgd", "sgd_momentum", SGD_LR)):
         sweep.append({"optimizer": optimizer, "lr": lr, "run_dir": relative_path(runs[name], out),

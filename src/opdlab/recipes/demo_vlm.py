@@ -25,6 +25,9 @@ from pathlib import Path
 
 from opdlab.config import DemoConfig, DistillConfig, load_config
 from opdlab.fileio import prepare_out_dir
+from opdlab.models.vlm_zoo import build_vlm_pair
+from opdlab.recipes.demo_stages import Manifest, analyze_runs, write_report
+from opdlab.recipes.experiment import train_arm
 
 PAIR = "shapes-vlm-tiny"
 
@@ -47,10 +50,6 @@ def vlm_base_config(out: Path) -> DistillConfig:
 
 def demo_vlm(cfg: DemoConfig) -> Path:
     """Run the VLM demo into `cfg.out`; return the report's path."""
-    from opdlab.models.vlm_zoo import build_vlm_pair
-    from opdlab.recipes.demo import Manifest, analyze_runs, write_report
-    from opdlab.recipes.experiment import train_arm
-
     out = Path(cfg.out)
     if not (cfg.resume and out.is_dir()):
         prepare_out_dir(out, cfg.overwrite)

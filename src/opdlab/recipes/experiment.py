@@ -28,10 +28,13 @@ from typing import Any
 
 import torch
 
-from opdlab.config import DistillConfig, ExperimentConfig, load_config
-from opdlab.distill.checkpoint import finished_step
+from opdlab.config import DistillConfig, ExperimentConfig, load_config, to_dict
+from opdlab.distill.checkpoint import finished_step, list_checkpoints
 from opdlab.errors import UserError
 from opdlab.fileio import prepare_out_dir, read_jsonl, relative_path, write_json
+from opdlab.recipes.distill import distill
+from opdlab.subnet.evidence import second_moment_spread, weight_closeness
+from opdlab.subnet.masks import density, extract_mask, load_mask, mask_metadata, random_like, save_mask
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `--preset`: overrides of ExperimentConfig, applied over --config and under --set (cli.to_config).
@@ -61,9 +64,6 @@ def train_arm(base: DistillConfig, run_dir: Path, overrides: dict[str, Any] | No
 
     A finished run already in `run_dir` (run.json status finished, final/ present) is kept.
     """
-    from opdlab.config import to_dict
-    from opdlab.recipes.distill import distill
-
     cfg = load_config(DistillConfig, None, _flatten(to_dict(base)) | (overrides or {}) | {"out": str(run_dir)})
     if finished_step(run_dir) == cfg.run.steps:
         return run_dir
@@ -119,7 +119,6 @@ def source_of(run_dir: Path) -> Path:
 def _trainable_fraction(mask_file: Path | None) -> float:
     if mask_file is None:
         return 1.0
-    from opdlab.subnet.masks import density, load_mask
 
     return density(load_mask(mask_file)[0])
 
@@ -132,9 +131,6 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
 
     `full_run` reuses a finished OPD run made with `cfg.train` (the demo passes its main run).
     """
-    from opdlab.subnet.evidence import weight_closeness
-    from opdlab.subnet.masks import extract_mask, mask_metadata, random_like, save_mask
-
     started = time.time()
     train = opd_arm(cfg.train)
     train.run.save_dtype = "both"
@@ -147,8 +143,6 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
         save_mask(mask_file, masks, mask_metadata("extract", masks, base=str(source), tuned=str(full),
                                                   atol=cfg.mask_atol, dtype=cfg.mask_dtype))
     else:
-        from opdlab.subnet.masks import load_mask
-
         masks = load_mask(mask_file)[0]
     if not random_file.is_file():
         control = random_like(masks, seed=cfg.train.run.seed)
@@ -183,8 +177,6 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
 
 def _adam_state(run_dir: Path) -> tuple[dict, list[str]] | None:
     """The final AdamW state of a run and its parameter names, from the newest checkpoint."""
-    from opdlab.distill.checkpoint import list_checkpoints
-
     found = list_checkpoints(run_dir)
     if not found:
         return None
@@ -197,8 +189,6 @@ def _adam_state(run_dir: Path) -> tuple[dict, list[str]] | None:
 def adam_evidence(run_dir: Path, out: Path) -> dict[str, Any] | None:
     """optimizers.json's "second_moment_cv" row for a finished AdamW run (None without Adam state); its
     run_dir is relative to `out`, the folder of the optimizers.json it goes into."""
-    from opdlab.subnet.evidence import second_moment_spread
-
     loaded = _adam_state(run_dir)
     if loaded is None:
         return None

@@ -15,6 +15,8 @@ from opdlab.config import ZooConfig
 from opdlab.errors import UserError
 from opdlab.models import gguf, vlm_zoo
 from opdlab.models import zoo as zoo_models
+from opdlab.recipes.zoo_train import build_or_train_pair
+from opdlab.recipes.zoo_train_vlm import build_or_train_vlm_pair
 
 
 def pair_table() -> str:
@@ -61,6 +63,5 @@ def zoo(cfg: ZooConfig) -> str | Path:
     if cfg.name in gguf.SHIPPED:  # dequantize into the cache (what --student NAME does on first use)
         return gguf.gguf_folder(gguf.shipped_gguf(cfg.name))
     if cfg.name in vlm_zoo.VLM_PAIRS:
-        return vlm_zoo.build_vlm_pair(cfg.name, rebuild=cfg.rebuild).student.parent
-    paths = zoo_models.build_pair(cfg.name, rebuild=cfg.rebuild)
-    return paths.student.parent
+        return build_or_train_vlm_pair(cfg.name, rebuild=cfg.rebuild).student.parent
+    return build_or_train_pair(cfg.name, rebuild=cfg.rebuild).student.parent

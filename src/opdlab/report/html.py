@@ -209,7 +209,7 @@ def _analysis_figures(a: Analysis, figs: _Figures, notes: list[str]) -> list[Ima
     if a.pngs:
         return [figs.add(f"{p.stem.replace('_', ' ')} ({a.name})", p.read_bytes(), f"{a.name} {p.stem}")
                 for p in a.pngs]
-    from opdlab.report import figures_analysis as FA
+    from opdlab.report import figures_analysis as FA  # loads matplotlib: only when a figure must be drawn
 
     layers, modules, summary = group_rows(a.data, "layer"), group_rows(a.data, "module"), a.summary
     jobs: list[tuple[str, Callable[[Path], Path]]] = []
@@ -272,7 +272,7 @@ def compare_section(found: Found, figs: _Figures) -> Section | None:
             continue
         modules = group_rows(c.data, "module")
         if modules:
-            from opdlab.report import figures_analysis as FA
+            from opdlab.report import figures_analysis as FA  # loads matplotlib: only when a figure must be drawn
 
             sec.images.extend(_draw([("Jaccard by module", lambda p, m=modules: FA.compare_jaccard_by_module(
                 _with_group(m, "module"), p))], figs, c.name, sec.notes))

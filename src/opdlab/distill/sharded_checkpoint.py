@@ -24,7 +24,7 @@ on N processes (each rank keeps its chunk of the full tensors).
 
 RNG: restored per rank when the world size is unchanged; otherwise rank r takes the saved rank
 r's state when there is one, else rank 0's. Training draws nothing from these streams — rollouts
-are seeded per completion (`opdlab.dist.sampling`) and evaluation is greedy — so a resume on a
+are seeded per completion (`opdlab.distill.sampling`) and evaluation is greedy — so a resume on a
 different world size sees the same samples; what is *not* guaranteed across world sizes is
 bit-identity, because the gradient's reduction order changes with the number of ranks.
 """
@@ -45,6 +45,7 @@ from opdlab.dist.runtime import DistContext
 from opdlab.distill import checkpoint as ckpt
 from opdlab.errors import UserError
 from opdlab.fileio import atomic_path
+from opdlab.subnet.optimizers import mask_to_index
 
 # Optimizer state tensors shaped like their parameter, per optimizer family.
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -231,8 +232,6 @@ def _local_chunk(full: torch.Tensor, p: Any) -> torch.Tensor:
 def _read_single_process(folder: Path, optimizer: torch.optim.Optimizer, named: list[tuple[str, Any]],
                          masks: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """A single-process checkpoint as {"model.<name>", "optim.<name>.<key>"} chunks for this rank."""
-    from opdlab.subnet.optimizers import mask_to_index
-
     trainer = folder / "trainer_state"
     state = json.loads((trainer / "state.json").read_text(encoding="utf-8"))
     master = load_file(str(trainer / "master.safetensors"))

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from opdlab.dist.fsdp import full_state_dict
+from opdlab.distill.rollout import Rollout, completion_mask, decode_completions, eos_token_ids, left_pad
 from opdlab.errors import UserError
 
 INSTALL_HINT = "pip install 'opdlab[vllm]'"
@@ -82,12 +83,10 @@ class VLLMRollout:
         self, model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], examples: Sequence[Any], *,
         samples: int = 1, max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
         greedy: bool = False, seeds: Sequence[int] | None = None,
-    ) -> Any:
+    ) -> Rollout:
         """Like `rollout.roll_out`, sampled by vLLM from `model`'s current weights (one seed per row)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-
-        from opdlab.distill.rollout import Rollout, completion_mask, decode_completions, eos_token_ids, left_pad
 
         self.refresh(model)
         rows = [list(p) for p in prompt_ids for _ in range(samples)]
