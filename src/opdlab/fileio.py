@@ -152,8 +152,6 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     `--overwrite` only ever deletes a folder opdlab made itself (it holds `OUTPUT_MARKER`), so
     a mistyped `--out ~ --overwrite` cannot delete a user's files.
     """
-    from opdlab.errors import UserError
-
     out = Path(out)
     if check_out_dir(out, overwrite):
         shutil.rmtree(out)
