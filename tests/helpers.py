@@ -13,6 +13,7 @@ Running the CLI under faults (tests/faults):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -210,3 +211,11 @@ def logged_steps(run: Path) -> list[int]:
         except json.JSONDecodeError:
             assert i == len(lines) - 1, f"{path}: torn line {i + 1} is not the last one"
     return steps
+
+
+def tree_digest(path: Path) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, sha256)} of every file under `path` (or of `path` itself): equal means untouched."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path) if p != path else p.name): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in files}

@@ -128,38 +128,99 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 OUTPUT_MARKER = ".opdlab-output"  # written into every folder opdlab creates for --out
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool) -> bool:
+def _read_folder(path: Path) -> Path:
+    """The folder (or file) a command actually reads for an input: an opdlab run folder is read
+    through its final checkpoint, so `--out RUN/analysis` does not touch what it reads."""
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "final").is_dir():
+        return path / "final"
+    return path
+
+
+def refuse_out_over_inputs(out: str | os.PathLike, inputs: dict[str, Any]) -> None:
+    """UserError when `out` is, holds, or lies inside one of `inputs` ({label: path, list of paths or None}).
+
+    Replacing or filling such an --out would delete or change an input before (or while) it is
+    read. An opdlab run folder counts as its `final/` checkpoint, so `--out RUN/analysis` stays
+    allowed while `--out RUN`, `--out RUN/final` and a folder holding RUN are refused. Inputs that
+    are not paths on disk (a shipped model's name) are skipped.
+    """
+    target = Path(out).resolve()
+    for label, given in inputs.items():
+        for item in given if isinstance(given, (list, tuple)) else [given]:
+            if item is None or item == "" or not Path(item).exists():
+                continue
+            shown = _read_folder(Path(item))
+            read = shown.resolve()
+            if target == read:
+                how = "is"
+            elif target in read.parents:
+                how = "holds"
+            elif read in target.parents:
+                how = "lies inside"
+            else:
+                continue
+            raise UserError(f"--out {out} {how} {shown}, an input ({label}); writing there would change or delete "
+                            "it before it is read; choose an --out outside the inputs")
+
+
+def _marked(folder: Path) -> bool:
+    return (folder / OUTPUT_MARKER).is_file()
+
+
+def _mark(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OUTPUT_MARKER).write_text("written by opdlab; --overwrite may replace this folder\n")
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write there ({exc.strerror}); choose another --out") from None
+
+
+def check_out_dir(out: str | os.PathLike, overwrite: bool, inputs: dict[str, Any] | None = None) -> bool:
     """Refuse `out` as an output folder unless it is new, empty, or (with `overwrite`) one opdlab wrote.
 
-    Returns True when `out` holds earlier output that `overwrite` allows replacing.
+    Returns True when `out` holds earlier output that `overwrite` allows replacing. `--overwrite`
+    only ever replaces a folder opdlab made itself (it holds `OUTPUT_MARKER`), so a mistyped
+    `--out ~ --overwrite` cannot delete a user's files; it never follows a symbolic link, and
+    `inputs` (see `refuse_out_over_inputs`) are never inside what it replaces.
     """
     out = Path(out)
+    refuse_out_over_inputs(out, inputs or {})
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(p.name != OUTPUT_MARKER for p in out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: folder exists and is not empty; pass --overwrite or choose another --out")
-        if not (out / OUTPUT_MARKER).is_file():
+        if out.is_symlink():
+            raise UserError(f"{out}: is a symbolic link (to {os.path.realpath(out)}); --overwrite does not replace "
+                            "what a link points to; pass the folder itself or another --out")
+        if not _marked(out):
             raise UserError(f"{out}: --overwrite only replaces folders opdlab wrote, and this one holds other files; "
                             "remove it yourself or choose another --out")
         return True
     return False
 
 
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Create the output folder; refuse a non-empty one unless `overwrite`.
-
-    `--overwrite` only ever deletes a folder opdlab made itself (it holds `OUTPUT_MARKER`), so
-    a mistyped `--out ~ --overwrite` cannot delete a user's files.
-    """
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool, inputs: dict[str, Any] | None = None) -> Path:
+    """Create the output folder as `check_out_dir` allows (replacing earlier output with `overwrite`)."""
     out = Path(out)
-    if check_out_dir(out, overwrite):
+    if check_out_dir(out, overwrite, inputs):
         shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / OUTPUT_MARKER).write_text("written by opdlab; --overwrite may replace this folder\n")
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write there ({exc.strerror}); choose another --out") from None
+    _mark(out)
+    return out
+
+
+def prepare_own_dir(out: str | os.PathLike, inputs: dict[str, Any] | None = None) -> Path:
+    """A folder opdlab may write its files into without `--overwrite` (the report's): new, empty, or
+    made by opdlab (it holds `OUTPUT_MARKER`). A folder holding other files is refused, so a user's
+    own `figures/` or `report.html` there is never replaced."""
+    out = Path(out)
+    refuse_out_over_inputs(out, inputs or {})
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and not _marked(out) and any(out.iterdir()):
+        raise UserError(f"{out}: the folder holds files opdlab did not write; choose a new or empty --out "
+                        "(nothing in it was changed)")
+    _mark(out)
     return out
 
 

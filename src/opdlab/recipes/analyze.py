@@ -32,7 +32,7 @@ def analyze(cfg: AnalyzeConfig) -> Path:
     pair = open_pair(cfg.base, cfg.tuned, cfg.dtype, skip_mismatched=cfg.skip_mismatched)
     if pair.skipped:
         print(f"opdlab analyze: skipping {len(pair.skipped)} tensor(s): " + "; ".join(pair.skipped), file=sys.stderr)
-    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, inputs={"BASE": cfg.base, "TUNED": cfg.tuned})
 
     results = run_tensors(pair.specs, cfg.exact_svd_max, cfg.device, cfg.workers)
 

@@ -25,7 +25,7 @@ def compare(cfg: CompareConfig) -> Path:
     result = overlap_rows(cfg.base, cfg.run_a, cfg.run_b, cfg.dtype, cfg.atol, cfg.device, cfg.skip_mismatched)
     if result.skipped:
         print(f"opdlab compare: skipping {len(result.skipped)} tensor(s): " + "; ".join(result.skipped), file=sys.stderr)
-    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    out = prepare_out_dir(cfg.out, cfg.overwrite, inputs={"BASE": cfg.base, "RUN_A": cfg.run_a, "RUN_B": cfg.run_b})
     groups = overlap_groups(result.rows)
     header = {"base": relative_path(cfg.base, out), "run_a": relative_path(cfg.run_a, out),
               "run_b": relative_path(cfg.run_b, out), "dtype": cfg.dtype, "atol": cfg.atol, "skipped": result.skipped}

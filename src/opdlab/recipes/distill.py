@@ -33,7 +33,9 @@ def distill(cfg: DistillConfig, *, progress: bool = True) -> Path:
     _quiet_transformers()
     ctx = init_from_env(cfg.model.device)  # under torchrun rank 0 prepares the folder, the others wait
     if cfg.resume is None:
-        return train(cfg, ctx.run_on_main(lambda: prepare_out_dir(cfg.out, cfg.overwrite)), progress=progress)
+        inputs = {"--student": cfg.model.student, "--teacher": cfg.model.teacher, "--prompts": cfg.data.prompts,
+                  "data.eval_prompts": cfg.data.eval_prompts, "--mask": cfg.optim.mask}
+        return train(cfg, ctx.run_on_main(lambda: prepare_out_dir(cfg.out, cfg.overwrite, inputs)), progress=progress)
 
     run_dir = Path(cfg.resume)
     run_config_file(run_dir)  # a UserError unless it is a run folder

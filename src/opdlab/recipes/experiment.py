@@ -50,7 +50,8 @@ def experiment(cfg: ExperimentConfig) -> Path:
     """Run the experiment `cfg.kind` into `cfg.out`; return the JSON file it wrote."""
     out = Path(cfg.out)
     if not (cfg.resume and out.is_dir()):
-        prepare_out_dir(out, cfg.overwrite)
+        prepare_out_dir(out, cfg.overwrite, {"train.model.student": cfg.train.model.student,
+                                             "train.model.teacher": cfg.train.model.teacher})
     if cfg.kind == "subnetwork":
         return run_subnetwork(cfg, out)
     return run_optimizers(cfg, out)
@@ -62,16 +63,16 @@ def experiment(cfg: ExperimentConfig) -> Path:
 def train_arm(base: DistillConfig, run_dir: Path, overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
     """One training run of an experiment: `base` plus dotted `overrides`, into `run_dir`.
 
-    A finished run already in `run_dir` (run.json status finished, final/ present) is kept.
+    A finished run already in `run_dir` (run.json status finished, final/ present) is kept; one with
+    a complete checkpoint is resumed from it; only an arm with nothing to continue from starts again.
     """
     cfg = load_config(DistillConfig, None, _flatten(to_dict(base)) | (overrides or {}) | {"out": str(run_dir)})
     if finished_step(run_dir) == cfg.run.steps:
         return run_dir
-    if (run_dir / "checkpoints").is_dir() and (run_dir / "config.yaml").is_file():
-        try:
-            return distill(dataclasses.replace(cfg, resume=str(run_dir)), progress=progress)
-        except UserError:
-            pass  # no complete checkpoint yet: start the arm again
+    if (run_dir / "config.yaml").is_file() and list_checkpoints(run_dir):
+        # Any failure of the resumed arm propagates: restarting it would delete its checkpoints.
+        return distill(dataclasses.replace(cfg, resume=str(run_dir)), progress=progress)
+    # Nothing to continue from: start the arm again.
     return distill(dataclasses.replace(cfg, overwrite=True), progress=progress)
 
 

@@ -19,7 +19,7 @@ from opdlab.analysis.aggregate import classify
 from opdlab.analysis.pairs import canonical_name
 from opdlab.config import MaskConfig
 from opdlab.errors import UserError
-from opdlab.fileio import write_json
+from opdlab.fileio import refuse_out_over_inputs, write_json
 from opdlab.subnet import masks as M
 
 
@@ -49,12 +49,14 @@ def _mode(cfg: MaskConfig) -> str:
     return chosen[0]
 
 
-def _check_out(out: Path, suffix: str, overwrite: bool) -> None:
+def _check_out(cfg: MaskConfig, out: Path, suffix: str) -> None:
+    refuse_out_over_inputs(out, {"BASE": cfg.base, "TUNED": cfg.tuned, "--random-like": cfg.random_like,
+                                 "--union": cfg.union, "--intersect": cfg.intersect, "--overlap": cfg.overlap})
     if out.suffix != suffix:
         raise UserError(f"{out}: --out must end in {suffix} for this mode")
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out must be a {suffix} file")
-    if out.exists() and not overwrite:
+    if out.exists() and not cfg.overwrite:
         raise UserError(f"{out}: exists; pass --overwrite or choose another --out")
 
 
@@ -68,7 +70,7 @@ def mask(cfg: MaskConfig) -> Path:
     """Run the one requested mode (see module docs); returns the written file."""
     mode = _mode(cfg)
     out = Path(cfg.out)
-    _check_out(out, ".json" if mode == "overlap" else ".safetensors", cfg.overwrite)
+    _check_out(cfg, out, ".json" if mode == "overlap" else ".safetensors")
 
     if mode == "overlap":
         (a, _), (b, _) = M.load_mask(cfg.overlap[0]), M.load_mask(cfg.overlap[1])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from opdlab.config import ReportConfig
 from opdlab.errors import UserError
+from opdlab.fileio import prepare_own_dir
 from opdlab.report.discover import discover, findings_inputs
 from opdlab.report.findings import build_findings
 from opdlab.report.html import build_sections, write_report
@@ -26,6 +27,8 @@ def report(cfg: ReportConfig) -> Path:
         raise UserError("report: give a folder, e.g. `opdlab report opdlab-demo`")
     out = Path(cfg.out) if cfg.out else root / "report"
     found = discover(root, skip=out)
+    # Only a new or empty folder, or one opdlab made: figures/ and report.html are replaced there.
+    prepare_own_dir(out)
     rows = build_findings(findings_inputs(found))
     sections, _ = build_sections(found, rows)
     title = f"opdlab report: {root.resolve().name}"
