@@ -136,3 +136,15 @@ def test_mask_out_is_its_input_mask(pair, run, tmp_path, capsys):
     m = tmp_path / "m.safetensors"
     assert main(["mask", str(pair[0]), str(run), "--out", str(m)]) == 0
     _refused(["mask", "--random-like", str(m), "--out", str(m), "--overwrite"], capsys, m)
+
+
+def test_overwrite_does_not_follow_a_symlinked_out(pair, run, tmp_path, capsys):
+    """`--out LINK --overwrite`: neither the link nor the folder it points to is replaced."""
+    real = tmp_path / "real"
+    assert main(["analyze", str(pair[0]), str(run), "--out", str(real)]) == 0
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    before = tree_digest(real)
+    line = cli_error(["analyze", str(pair[0]), str(run), "--out", str(link), "--overwrite"], capsys)
+    assert "symbolic link" in line and str(link) in line
+    assert link.is_symlink() and tree_digest(real) == before
