@@ -148,3 +148,9 @@ def test_overwrite_does_not_follow_a_symlinked_out(pair, run, tmp_path, capsys):
     line = cli_error(["analyze", str(pair[0]), str(run), "--out", str(link), "--overwrite"], capsys)
     assert "symbolic link" in line and str(link) in line
     assert link.is_symlink() and tree_digest(real) == before
+
+
+def test_delta_apply_out_is_its_base(pair, run, tmp_path, capsys):
+    d = tmp_path / "d.safetensors"
+    assert main(["delta", str(run), str(pair[0]), "--out", str(d)]) == 0
+    _refused(["delta", "--apply", str(run), str(d), "--out", str(run), "--overwrite"], capsys, run, d)

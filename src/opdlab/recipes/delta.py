@@ -14,7 +14,7 @@ from pathlib import Path
 
 from opdlab.config import DeltaConfig
 from opdlab.errors import UserError
-from opdlab.fileio import check_out_dir
+from opdlab.fileio import check_out_dir, refuse_out_over_inputs
 from opdlab.subnet.delta import apply_delta, make_delta
 
 
@@ -32,7 +32,7 @@ def delta(cfg: DeltaConfig) -> Path:
     if cfg.apply:
         if len(cfg.apply) != 2:
             raise UserError(f"--apply takes BASE and DELTA; got {len(cfg.apply)} value(s)")
-        check_out_dir(out, cfg.overwrite)
+        check_out_dir(out, cfg.overwrite, inputs={"BASE": cfg.apply[0], "DELTA": cfg.apply[1]})
         result = apply_delta(cfg.apply[0], cfg.apply[1], out)
         print(f"rebuilt {result.tensors} tensors ({result.changed:,} changed coordinates) and "
               f"{len(result.files)} files; every tensor and file matches TUNED's sha256")
@@ -40,6 +40,7 @@ def delta(cfg: DeltaConfig) -> Path:
 
     if cfg.base is None or cfg.tuned is None:
         raise UserError("making a delta needs two checkpoints, BASE and TUNED")
+    refuse_out_over_inputs(out, {"BASE": cfg.base, "TUNED": cfg.tuned})
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: --out must end in .safetensors")
     if out.is_dir():
