@@ -243,3 +243,43 @@ def resolve_path(recorded: str, folder: str | os.PathLike) -> Path:
     """A path read from a result file in `folder` (the inverse of `relative_path`)."""
     p = Path(recorded)
     return p if p.is_absolute() else Path(folder).resolve() / p  # resolved, as `relative_path` measured it
+
+
+# ----------------------------------------------------------------------------- reading model folders
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path] | None:
+    """The shard files a model folder's `model.safetensors.index.json` lists (None: no index).
+
+    A UserError names the index when it is not UTF-8 JSON with a `weight_map` object of
+    {tensor: file name} strings, when a shard path leaves the model folder (`..`, an absolute
+    path, a link pointing elsewhere), or when a listed shard is missing.
+    """
+    folder = Path(folder)
+    index = folder / SHARD_INDEX
+    if not index.is_file():
+        return None
+    fix = "re-download or re-save the model"
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{index}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    except (json.JSONDecodeError, AttributeError, OSError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                   for k, v in weight_map.items()):
+        raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map' object of "
+                        f"{{tensor name: shard file name}} strings); {fix}")
+    root = folder.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        shard = folder / name
+        if Path(name).is_absolute() or root not in shard.resolve().parents:
+            raise UserError(f"{index}: shard {name!r} lies outside the model folder; opdlab reads only shards "
+                            f"inside {folder}; {fix}")
+        if not shard.is_file():
+            raise UserError(f"{index}: shard {name} is listed but missing; {fix}")
+        files.append(shard)
+    return files

@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from opdlab.analysis.aggregate import classify, ordered_groups
-from opdlab.analysis.blocks import FLOAT_DTYPES, read_rows, row_ranges, tensor_info
+from opdlab.analysis.blocks import row_ranges
 from opdlab.analysis.metrics_overlap import COUNT_KEYS, add_counts, overlap_counts, overlap_stats
 from opdlab.analysis.metrics_sparsity import changed_mask
-from opdlab.analysis.pairs import Checkpoint, match_tensors
+from opdlab.analysis.pairs import Checkpoint, analyzable, match_tensors, read_checked
 from opdlab.analysis.per_tensor import BLOCK_ELEMS
 from opdlab.analysis.stream import DTYPES
 
@@ -39,14 +39,8 @@ def overlap_rows(base: str | Path, run_a: str | Path, run_b: str | Path, dtype: 
     m_b = match_tensors(b, c, skip_mismatched=skip_mismatched)
     skipped = [f"{p} [run A]" for p in m_a.problems] + [f"{p} [run B]" for p in m_b.problems]
     names_b = set(m_b.names)
-    names = []
-    for n in m_a.names:
-        if n not in names_b:
-            continue
-        if {tensor_info(*ck.location(n))[0] for ck in (b, a, c)} <= FLOAT_DTYPES:
-            names.append(n)
-        else:
-            skipped.append(f"{n} (not floating point)")
+    names, not_measured = analyzable([b, a, c], [n for n in m_a.names if n in names_b])
+    skipped += not_measured
     torch_dtype = DTYPES[dtype]
     rows = []
     for name in tqdm(names, desc="compare", unit="tensor", file=sys.stderr, disable=not progress):
@@ -57,9 +51,9 @@ def overlap_rows(base: str | Path, run_a: str | Path, run_b: str | Path, dtype: 
             row_elems *= d
         counts: dict[str, int] = {}
         for lo, hi in row_ranges(n_rows, row_elems, BLOCK_ELEMS) if len(shape) >= 2 else [(0, 1)]:
-            w = read_rows(*b.location(name), lo, hi).to(device=device, dtype=torch_dtype)
-            ua = changed_mask(w, read_rows(*a.location(name), lo, hi).to(device=device, dtype=torch_dtype), atol)
-            ub = changed_mask(w, read_rows(*c.location(name), lo, hi).to(device=device, dtype=torch_dtype), atol)
+            w = read_checked(*b.location(name), lo, hi, torch_dtype).to(device)
+            ua = changed_mask(w, read_checked(*a.location(name), lo, hi, torch_dtype).to(device), atol)
+            ub = changed_mask(w, read_checked(*c.location(name), lo, hi, torch_dtype).to(device), atol)
             add_counts(counts, overlap_counts(ua, ub))
         layer, module, block = classify(name)
         rows.append({"name": name, "layer": "" if layer is None else layer, "module": module, "block": block,

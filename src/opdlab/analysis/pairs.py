@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
+from opdlab.analysis.blocks import FLOAT_DTYPES, read_rows
 from opdlab.errors import UserError
+from opdlab.fileio import shard_files
 from opdlab.models.gguf import as_gguf_folder
 
 # Applied in order to every tensor name; the first matching rule wins.
@@ -79,17 +82,9 @@ def resolve_checkpoint_files(path: str | Path, prefer_fp32: bool = False) -> lis
     for sub in (["final-fp32", "final"] if prefer_fp32 else ["final"]):
         if (p / sub).is_dir() and (p / "config.yaml").is_file():
             return resolve_checkpoint_files(p / sub)
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        files = sorted({p / f for f in weight_map.values()})
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"{index}: shard {missing[0].name} is listed but missing; re-download or re-save the model")
-        return files
+    shards = shard_files(p)
+    if shards is not None:
+        return shards
     if (p / "model.safetensors").is_file():
         return [p / "model.safetensors"]
     files = sorted(p.glob("*.safetensors"))
@@ -135,6 +130,11 @@ class Checkpoint:
             f, key = self._where[name]
             out.add(self._open(f).get_slice(key).get_dtype())
         return out
+
+    def dtype(self, name: str) -> str:
+        """The storage dtype of one tensor as safetensors names it ('BF16', 'F32', 'I64', ...)."""
+        f, key = self._where[name]
+        return self._open(f).get_slice(key).get_dtype()
 
     def names(self) -> list[str]:
         """Canonical tensor names, in file order."""
@@ -286,4 +286,63 @@ def iter_pairs(
     matching = matching or match_tensors(base, tuned)
     for name in matching.names:
         rows = matching.rows.get(name)
-        yield TensorPair(name, base.get(name, dtype, rows), tuned.get(name, dtype, rows))
+        sides = []
+        for ck in (base, tuned):
+            raw = ck.get(name, rows=rows)
+            sides.append(checked_values(raw, raw.to(dtype), ck.location(name)[0], ck.location(name)[1]))
+        yield TensorPair(name, *sides)
+
+
+# ----------------------------------------------------------------------------- what the analysis can digest
+
+# Magnitudes above this overflow the analysis' fp32 arithmetic (squares, sums over blocks of 2**23 entries).
+MAX_ABS = 2.0 ** 50
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def analyzable(checkpoints: list[Checkpoint], names: list[str], keep_empty: bool = False) -> tuple[list[str], list[str]]:
+    """(names the analysis can measure, the others with the reason): floating point and (unless
+    `keep_empty`) at least one element in every checkpoint. A UserError when none is left."""
+    keep, skipped = [], []
+    for name in names:
+        dtypes = sorted({ck.dtype(name) for ck in checkpoints})
+        if not set(dtypes) <= FLOAT_DTYPES:
+            skipped.append(f"{name} (not floating point: {'/'.join(dtypes)})")
+        elif not keep_empty and any(ck.numel(name) == 0 for ck in checkpoints):
+            skipped.append(f"{name} (no elements)")
+        else:
+            keep.append(name)
+    if not keep:
+        shown = " vs ".join(str(ck.path) for ck in checkpoints)
+        raise UserError(f"{shown}: no floating-point tensors with elements to measure "
+                        f"({len(skipped)} skipped, e.g. {skipped[0] if skipped else 'none'}); pass model checkpoints")
+    return keep, skipped
+
+
+def checked_values(raw: torch.Tensor, cast: torch.Tensor, where: Path, key: str) -> torch.Tensor:
+    """`cast` (rows of tensor `key` of file `where`, in the analysis dtype) when every value is finite and
+    at most MAX_ABS in magnitude; else a UserError naming the tensor: non-finite values in the file,
+    values the analysis dtype cannot hold, or values too large for the analysis' fp32 arithmetic."""
+    if cast.numel() == 0 or not cast.is_floating_point():
+        return cast
+    lo, hi = torch.aminmax(cast)  # one pass; NaN propagates
+    top = max(-float(lo), float(hi))
+    if top <= MAX_ABS:
+        return cast
+    bad = int((~torch.isfinite(raw)).sum()) if raw.is_floating_point() else 0
+    if bad:
+        raise UserError(f"{where}: tensor '{key}' holds {bad} NaN or infinite value(s); the analysis cannot "
+                        "measure it; fix or re-save the checkpoint")
+    peak = float(raw.double().abs().max())
+    name = _DTYPE_NAMES.get(cast.dtype, str(cast.dtype).removeprefix("torch."))
+    if not math.isfinite(top):  # finite in the file, infinite once cast
+        hint = "analyze with --dtype fp32" if name == "bf16" and peak < torch.finfo(torch.float32).max else "rescale it"
+        raise UserError(f"{where}: tensor '{key}' holds values up to {peak:.3g}, beyond the range of {name}; {hint}")
+    raise UserError(f"{where}: tensor '{key}' holds values up to {peak:.3g}, too large for the analysis "
+                    f"(its squares and sums overflow fp32 above {MAX_ABS:.3g}); rescale it")
+
+
+def read_checked(where: Path, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, stop) of tensor `key` in file `where`, cast to `dtype` and checked (`checked_values`)."""
+    raw = read_rows(where, key, start, stop)
+    return checked_values(raw, raw.to(dtype), where, key)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from opdlab.analysis.blocks import FLOAT_DTYPES, read_rows, tensor_info
-from opdlab.analysis.pairs import Checkpoint, match_tensors, source_format
+from opdlab.analysis.blocks import tensor_info
+from opdlab.analysis.pairs import Checkpoint, analyzable, match_tensors, read_checked, source_format
 from opdlab.analysis.per_tensor import BLOCK_ELEMS, TensorResult, TensorSpec, analyze_tensor
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -40,7 +40,7 @@ def _reader(a: Checkpoint, b: Checkpoint, name: str, dtype: torch.dtype):  # noq
     fb, kb = b.location(name)
 
     def read(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_rows(fa, ka, start, stop).to(dtype), read_rows(fb, kb, start, stop).to(dtype)
+        return read_checked(fa, ka, start, stop, dtype), read_checked(fb, kb, start, stop, dtype)
 
     return read
 
@@ -61,14 +61,8 @@ def open_pair(base: str | Path, tuned: str | Path, dtype: str, skip_mismatched: 
     # bf16 checkpoint up would measure bf16 storage, not the fp32 update.
     b, t = Checkpoint(base, prefer_fp32=dtype == "fp32"), Checkpoint(tuned, prefer_fp32=dtype == "fp32")
     matching = match_tensors(b, t, skip_mismatched=skip_mismatched)
-    skipped = list(matching.problems)
-    names = []
-    for name in matching.names:
-        dtypes = {tensor_info(*ck.location(name))[0] for ck in (b, t)}
-        if dtypes <= FLOAT_DTYPES:
-            names.append(name)
-        else:
-            skipped.append(f"{name} (not floating point: {'/'.join(sorted(dtypes))})")
+    names, skipped = analyzable([b, t], matching.names)
+    skipped = list(matching.problems) + skipped
     b32 = t32 = None
     if precision_control:
         b32, t32 = Checkpoint(base, prefer_fp32=True), Checkpoint(tuned, prefer_fp32=True)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 from opdlab.config import ModelConfig
 from opdlab.errors import UserError
+from opdlab.fileio import shard_files
 from opdlab.models.gguf import SHIPPED_TASKS, as_gguf_folder
 from opdlab.models.vlm_zoo import VLM_PAIRS, build_vlm_pair
 from opdlab.models.zoo import build_pair
@@ -57,6 +58,7 @@ def resolve_model_dir(path: str | Path, role: str) -> Path:
         p = p / "final"
     if not (p / "config.json").is_file():
         raise UserError(f"--{role} {p}: not a model folder (no config.json); pass a Hugging Face model folder or an opdlab run folder")
+    shard_files(p)  # a damaged index, or shards outside the folder, are refused before transformers reads them
     if not any(p.glob("*.safetensors")):
         if any(p.glob("*.bin")) or any(p.glob("*.pt")):
             raise UserError(f"--{role} {p}: only pickle weights (*.bin); convert them to safetensors first (pickle can run code)")

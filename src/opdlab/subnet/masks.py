@@ -13,6 +13,7 @@ A mask is a `.safetensors` file of bool tensors keyed by canonical parameter nam
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import zlib
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 from opdlab.analysis.aggregate import classify
 from opdlab.analysis.metrics_overlap import add_counts, overlap_counts, overlap_stats
 from opdlab.analysis.metrics_sparsity import changed_mask
-from opdlab.analysis.pairs import Checkpoint, canonical_name, iter_pairs, match_tensors
+from opdlab.analysis.pairs import Checkpoint, analyzable, canonical_name, iter_pairs, match_tensors
 from opdlab.errors import UserError
 from opdlab.fileio import atomic_path
 
@@ -160,6 +161,9 @@ def extract_mask(
     base_ck = base if isinstance(base, Checkpoint) else Checkpoint(base, prefer_fp32=fp32)
     tuned_ck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned, prefer_fp32=fp32)
     matching = match_tensors(base_ck, tuned_ck)
+    # Only floating-point tensors can be trained; a mask of an empty one is empty (and harmless).
+    names, _ = analyzable([base_ck, tuned_ck], matching.names, keep_empty=True)
+    matching = dataclasses.replace(matching, names=names)
     masks: MaskDict = {}
     pairs = iter_pairs(base_ck, tuned_ck, DTYPES[dtype], matching)
     for pair in tqdm(pairs, total=len(matching.names), desc="mask", unit="tensor", disable=not progress, leave=False):
