@@ -11,7 +11,7 @@ import torch
 from opdlab.config import OptimConfig
 from opdlab.errors import UserError
 from opdlab.subnet.masks import zero_grads_outside
-from opdlab.subnet.optimizers import MaskedAdamW, MaskedSGD, build_optimizer, optimizer_state_bytes
+from opdlab.subnet.optimizers import MaskedAdamW, MaskedSGD, build_optimizer, clip_gradients, optimizer_state_bytes
 
 
 class TinyNet(torch.nn.Module):
@@ -254,3 +254,132 @@ def test_benchmark_smoke(tmp_path):
         if r["density"] < 1:
             assert r["state_vs_density_x_dense"] <= 1.5
     assert report["versions"]["torch"] == torch.__version__
+
+
+# ----------------------------------------------------------------------------- compact gradients
+
+
+def mixed_masks(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Partial masks, one all-false tensor (up.weight, a matrix with its own weight-gradient matmul) and one all-true."""
+    masks = random_masks(net, 0.2)
+    masks["up.weight"] = torch.zeros_like(masks["up.weight"])
+    masks["down.bias"] = torch.ones_like(masks["down.bias"])
+    return masks
+
+
+def accumulate_and_step(net, opt, masks, data, compact: bool, clip: float, micro: int = 3):
+    """One optimizer step per `micro` batches (gradient accumulation), clipped; dense or compact path."""
+    named = list(net.named_parameters())
+    norms = []
+    for start in range(0, len(data), micro):
+        for ids, y in data[start:start + micro]:
+            (torch.nn.functional.mse_loss(net(ids), y) / micro).backward()
+        if compact:
+            norms.append(float(clip_gradients(named, opt, clip)))
+        else:
+            zero_grads_outside(named, masks)
+            norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), clip or float("inf"))))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_compact_gradients_train_like_the_dense_path(optimizer, clip):
+    """Same data, masks and settings: the compact path gives the dense path's weights.
+
+    Bit for bit without clipping (the accumulated gradients are the same fp32 sums); within fp32
+    rounding with clipping active (the norm is summed in another order). Outside the mask every
+    coordinate keeps its bits on both paths.
+    """
+    dense_net, compact_net = make_net(), make_net()
+    masks = mixed_masks(dense_net)
+    before = snapshot(dense_net)
+    cfg = OptimConfig(optimizer=optimizer, lr=0.05, weight_decay=0.1, momentum=0.9)
+    dense_opt = build_optimizer(list(dense_net.named_parameters()), cfg, masks)
+    compact_opt = build_optimizer(list(compact_net.named_parameters()), cfg, masks)
+    assert compact_opt.reduce_gradients_in_backward()
+    data = batches(12)
+    dense_norms = accumulate_and_step(dense_net, dense_opt, masks, data, compact=False, clip=clip)
+    compact_norms = accumulate_and_step(compact_net, compact_opt, masks, data, compact=True, clip=clip)
+    assert compact_norms == pytest.approx(dense_norms, rel=1e-6)
+    if clip:
+        assert max(dense_norms) > clip  # clipping was active
+    for (name, p), q in zip(compact_net.named_parameters(), dense_net.parameters()):
+        m = masks[name]
+        assert torch.equal(p.detach()[~m], before[name][~m]), name
+        if clip:
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(p.detach(), q.detach()), name
+        if m.any():
+            assert not torch.equal(p.detach()[m], before[name][m]), name
+
+
+def backward_output_shapes(fn) -> list[tuple[int, ...]]:
+    """Shapes of every new tensor (not a view) an aten op produced while `fn` ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes: list[tuple[int, ...]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # e.g. the transposed weight autograd reads: no new memory, no compute
+                return out
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with Record():
+        fn()
+    return shapes
+
+
+def test_empty_mask_parameter_never_gets_a_dense_gradient():
+    """A tensor with an empty mask has no gradient computed at all; partial ones keep only (nnz,) buffers."""
+    ids, y = batches(1)[0]
+    shapes = {}
+    for compact in (False, True):
+        net = make_net()
+        masks = mixed_masks(net)
+        opt = build_optimizer(list(net.named_parameters()), OptimConfig(lr=0.01), masks)
+        if compact:
+            opt.reduce_gradients_in_backward()
+        loss = torch.nn.functional.mse_loss(net(ids), y)
+        shapes[compact] = backward_output_shapes(loss.backward)
+        if compact:
+            assert net.up.weight.requires_grad is False and net.up.weight.grad is None
+            partial = [n for n, m in masks.items() if m.any() and not m.all()]
+            for name, p in net.named_parameters():
+                assert p.grad is None or masks[name].all(), name  # no dense gradient kept for masked tensors
+            assert net.down.bias.grad is not None  # all-true: the dense gradient is the compact one
+            assert sorted(g.numel() for g in opt.compact_gradients()) == sorted(int(masks[n].sum()) for n in partial)
+    weight_grad = tuple(make_net().up.weight.shape)  # (48, 16): only the up.weight gradient has this shape
+    assert weight_grad in shapes[False]  # the control: dense training computes it
+    assert weight_grad not in shapes[True]  # masked: no weight-gradient matmul for the frozen matrix
+
+
+def test_compact_gradients_are_freed_by_zero_grad_and_can_be_undone():
+    net = make_net()
+    masks = mixed_masks(net)
+    opt = build_optimizer(list(net.named_parameters()), OptimConfig(lr=0.01), masks)
+    opt.reduce_gradients_in_backward()
+    torch.nn.functional.mse_loss(net(batches(1)[0][0]), torch.zeros(8, 8)).backward()
+    assert opt.compact_gradients()
+    opt.zero_grad(set_to_none=True)
+    assert opt.compact_gradients() == []
+    opt.restore_dense_gradients()
+    assert net.up.weight.requires_grad and not opt.reduces_gradients
+    torch.nn.functional.mse_loss(net(batches(1)[0][0]), torch.zeros(8, 8)).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_an_empty_mask_everywhere_is_an_error():
+    net = make_net()
+    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in net.named_parameters()}
+    opt = build_optimizer(list(net.named_parameters()), OptimConfig(lr=0.01), masks)
+    with pytest.raises(UserError, match="selects no coordinate"):
+        opt.reduce_gradients_in_backward()

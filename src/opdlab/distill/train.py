@@ -61,7 +61,7 @@ from opdlab.fileio import write_text
 from opdlab.models.compat import check_tokenizers
 from opdlab.models.loading import Models, load_models, load_teacher
 from opdlab.subnet.masks import fit_mask_to_model, load_mask, zero_grads_outside
-from opdlab.subnet.optimizers import build_optimizer
+from opdlab.subnet.optimizers import build_optimizer, clip_gradients
 
 # ----------------------------------------------------------------------------- checks
 
@@ -257,6 +257,8 @@ def _train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None, progress
     if cfg.optim.mask is not None:
         masks = shard_masks(fit_mask_to_model(load_mask(cfg.optim.mask)[0], named, cfg.optim.mask), named)
     optimizer = build_optimizer(named, cfg.optim, masks)
+    if masks is not None:  # no gradient for frozen tensors, none stored dense for the others (not under FSDP2)
+        optimizer.reduce_gradients_in_backward()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.run.steps))
     eval_kwargs = dict(max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.rollout.micro_batch,
@@ -314,7 +316,7 @@ def _train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None, progress
             t3 = time.perf_counter()
             if masks is not None:
                 zero_grads_outside(named, masks)
-            grad_norm = scalar(torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip or float("inf")))
+            grad_norm = scalar(clip_gradients(named, optimizer, cfg.optim.grad_clip))  # compact gradients too
             lr = optimizer.param_groups[0]["lr"]
             skipped = skip_nonfinite(step, loss_sum, grad_norm, cfg.run.on_nonfinite, run_dir)  # NaN/inf: stop or skip
             if not skipped:

@@ -11,7 +11,19 @@ included), and state memory scales with the mask's density: 12 bytes per masked 
 (two moments + an int32 index) against 8 per coordinate for dense AdamW.
 
     opt = build_optimizer(list(model.named_parameters()), cfg.optim, masks)
-    loss.backward(); zero_grads_outside(...); clip; opt.step(); opt.zero_grad()
+    opt.reduce_gradients_in_backward()            # optional: compact gradients (below)
+    loss.backward(); clip_gradients(named, opt, max_norm); opt.step(); opt.zero_grad()
+
+Compact gradients (`reduce_gradients_in_backward`) make masked training cheaper, not only sparse
+in state: a parameter whose mask is empty gets `requires_grad=False`, so autograd computes no
+gradient for it at all (no weight-gradient matmul, no buffer); a partially masked parameter gets a
+post-accumulate-grad hook that adds its fresh gradient's masked coordinates into a compact (nnz,)
+buffer and frees the dense `.grad` at once, so a dense gradient lives only while backward is
+producing it. Clipping (`clip_gradients`) and the step then read the compact buffers. Gathering
+each micro-batch's gradient and summing the gathered vectors performs the same fp32 additions as
+summing dense gradients and gathering once, so the accumulated gradient is bit-identical; only the
+clipping norm sums in another order (fp32 rounding). Not under FSDP2: sharded (DTensor)
+parameters keep dense gradients, masked after backward (`masks.zero_grads_outside`).
 
 Deviations from torch, and why:
 1. `step` is a Python int in the state (torch keeps a float tensor): it costs no tensor memory,
@@ -123,6 +135,70 @@ class _MaskedBase(torch.optim.Optimizer):
             self._index[p] = idx
             self._nnz[p] = p_local.numel() if idx is None else idx.numel()
             self._sum[p] = _checksum(idx)
+        # Compact gradients (module docs): (nnz,) accumulators filled by backward hooks.
+        self._compact: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+        self._frozen: list[torch.nn.Parameter] = []
+
+    def reduce_gradients_in_backward(self) -> bool:
+        """From now on, keep gradients only on masked coordinates (module docs, "compact gradients").
+
+        Freezes (`requires_grad_(False)`) every parameter with an empty mask and hooks every
+        partially masked one. Returns True when enabled; False, changing nothing, when the
+        parameters are FSDP2-sharded (DTensors), which keep dense gradients. Idempotent.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any(hasattr(p, "to_local") for p in params):
+            return False
+        if self._hooks or self._frozen:
+            return True
+        if params and all(self._nnz[p] == 0 for p in params):
+            raise UserError("the mask selects no coordinate of the model; nothing would be trained")
+        for p in params:
+            if self._nnz[p] == 0:
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    self._frozen.append(p)
+            elif self._index[p] is not None and p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._reduce_hook(self._index[p])))
+        return True
+
+    def restore_dense_gradients(self) -> None:
+        """Undo `reduce_gradients_in_backward`: remove the hooks, unfreeze, drop compact gradients."""
+        for handle in self._hooks:
+            handle.remove()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._hooks, self._frozen = [], []
+        self._compact.clear()
+
+    def _reduce_hook(self, idx: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            part = p.grad.reshape(-1).index_select(0, idx)
+            acc = self._compact.get(p)
+            if acc is None:
+                self._compact[p] = part
+            else:
+                acc.add_(part)  # the same fp32 addition as accumulating the dense gradients
+            p.grad = None
+        return hook
+
+    @property
+    def reduces_gradients(self) -> bool:
+        """True while gradients are reduced to the mask in backward."""
+        return bool(self._hooks or self._frozen)
+
+    def compact_gradients(self) -> list[torch.Tensor]:
+        """The compact (nnz,) gradients accumulated since the last `zero_grad` (for clipping)."""
+        return list(self._compact.values())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        if set_to_none:
+            self._compact.clear()
+        else:
+            for acc in self._compact.values():
+                acc.zero_()
 
     def mask_info(self, p: torch.nn.Parameter) -> tuple[torch.Tensor | None, int, int]:
         """(flat indices into p's local shard, or None when all are masked; nnz; index checksum).
@@ -139,11 +215,21 @@ class _MaskedBase(torch.optim.Optimizer):
         """(group, param, index) for every parameter with a gradient and a non-empty mask."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or self._nnz.get(p, 0) == 0:
+                if self._nnz.get(p, 0) == 0:
+                    continue
+                if p in self._compact:
+                    yield group, p, self._index[p]
+                    continue
+                if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("masked optimizers do not support sparse gradients")
                 yield group, p, self._index[p]
+
+    def _grad(self, p: torch.nn.Parameter, idx: torch.Tensor | None) -> torch.Tensor:
+        """p's gradient on its masked coordinates, (nnz,): the compact buffer, else gathered from p.grad."""
+        acc = self._compact.get(p)
+        return acc if acc is not None else self._gather(p.grad, idx)
 
     @staticmethod
     def _gather(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -225,7 +311,7 @@ class MaskedAdamW(_MaskedBase):
             state["exp_avg"] = torch.zeros(self._nnz[p], dtype=p.dtype, device=p.device)
             state["exp_avg_sq"] = torch.zeros(self._nnz[p], dtype=p.dtype, device=p.device)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        grad = self._gather(p.grad, idx)
+        grad = self._grad(p, idx)
         step = state["step"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -265,7 +351,7 @@ class MaskedSGD(_MaskedBase):
                 state: dict[str, Any]) -> None:
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         # Only out-of-place ops touch `grad` below, so p.grad is left as it was (as in torch).
-        grad = self._gather(p.grad, idx)
+        grad = self._grad(p, idx)
         if wd != 0:
             grad = grad.add(self._gather(p, idx), alpha=wd)
         if momentum != 0:
@@ -276,6 +362,27 @@ class MaskedSGD(_MaskedBase):
                 buf.mul_(momentum).add_(grad)
             grad = buf
         self._add(p, idx, grad, alpha=-lr)
+
+
+def clip_gradients(named_params: Iterable[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                   max_norm: float) -> torch.Tensor:
+    """Scale the gradients `optimizer` will step on to total L2 norm <= `max_norm` (0 = no limit).
+
+    Returns the total norm before clipping, as `torch.nn.utils.clip_grad_norm_` does (and is that
+    function for a dense optimizer or dense gradients). With compact gradients the norm covers the
+    dense `.grad`s left (all-true masks) and the compact buffers: the norm of the dense gradients
+    with zeros outside the mask, summed in another order.
+    """
+    params = [p for _, p in named_params]
+    limit = max_norm or float("inf")
+    if not (isinstance(optimizer, _MaskedBase) and optimizer.reduces_gradients):
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+    grads = [p.grad for p in params if p.grad is not None] + optimizer.compact_gradients()
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    coef = torch.clamp(limit / (total + 1e-6), max=1.0)  # torch's formula, applied to every gradient
+    for g in grads:
+        g.mul_(coef)
+    return total
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
