@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,8 +44,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench" / "lib"))
 
 from bench_train import PREFIX, QUIET, bench_tokenizer, emit, peak_rss_mb, rss_mb, versions  # noqa: E402
+from provenance import keep_history, machine  # noqa: E402
 
 REAL_MODEL = "smollm2-135m-instruct"
 SIZES: dict[str, dict[str, Any]] = {
@@ -277,12 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 step = sum(x["step_s"] for x in r["steps"]) / max(1, len(r["steps"]))
                 print(f"trial {t + 1}/{args.trials} {config:>6}: peak RSS {r['peak_rss_mb']:,.0f} MB, "
                       f"step {step:.2f} s", flush=True)
-    # pair the trials of each round (same index in every list)
     report = {
         "schema": 1, "benchmark": "masked_training",
         "command": "python bench/bench_masked_training.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "machine": machine(load_start),
         "versions": versions(),
         "settings": {**settings, "model": REAL_MODEL if args.real else SIZES[args.size],
                      "parameters": paths["parameters"], "mask_density_measured": paths["mask_density_measured"],
@@ -295,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
         "wall_s": time.perf_counter() - t0,
     }
+    report = keep_history(args.out, report, lambda previous: (previous.get("summary") or {}).get("densities"))
     write_json(args.out, report)
     print(table(report))
     print(f"wrote {args.out}")

@@ -39,6 +39,8 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
                                 "--threads", "1", "--out", str(results / "optimizer.json")]],
             "analysis": [py + [str(BENCH / "bench_analysis.py"), "--size", "small",
                                "--out", str(results / "analysis_small.json")]],
+            "masked": [py + [str(BENCH / "bench_masked_training.py"), "--size", "tiny", "--densities", "0.2",
+                             "--trials", "1", "--steps", "1", "--warmup", "0", "--out", str(results / "masked_training.json")]],
         }
     return {
         "train": [py + [str(BENCH / "bench_train.py"), *tools, "--out", str(results / "train.json")]],
@@ -50,12 +52,13 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
                   "--out", str(results / "optimizer_wd0.json")],
         ],
         "analysis": [py + [str(BENCH / "bench_analysis.py"), "--naive-layers", "2", "--out", str(results / "analysis.json")]],
+        "masked": [py + [str(BENCH / "bench_masked_training.py"), "--out", str(results / "masked_training.json")]],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="comma-separated subset of: train, profile, optimizer, analysis")
+    ap.add_argument("--only", default=None, help="comma-separated subset of: train, profile, optimizer, analysis, masked")
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run, not numbers to report)")
     ap.add_argument("--results", default=str(BENCH / "results"), help="folder for the JSON results")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")

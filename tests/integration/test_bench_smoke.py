@@ -81,3 +81,22 @@ def test_run_all_covers_every_bench_script(capsys: pytest.CaptureFixture[str]) -
         assert all(cmd[cmd.index("--out") + 1].startswith("/tmp/r/") for cmds in plan.values() for cmd in cmds)
     assert run_all.main(["--dry-run", "--quick"]) == 0
     assert "bench_train.py" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # three child processes, each importing torch and transformers
+def test_bench_masked_training_tiny(tmp_path: Path) -> None:
+    import bench_masked_training
+
+    out = tmp_path / "masked.json"
+    report = bench_masked_training.main(["--size", "tiny", "--densities", "0.2", "--trials", "1", "--steps", "1",
+                                         "--warmup", "0", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "masked_training" and saved["machine"]["date"]
+    assert saved["settings"]["mask_density_measured"]["0.2"] == pytest.approx(0.2, abs=0.02)
+    (row,) = report["summary"]["densities"]
+    for key in ("peak_memory_ratio_masked_to_dense", "step_time_ratio_masked_to_dense"):
+        assert row[key]["median"] > 0
+    assert isinstance(row["meets_memory_target"], bool) and isinstance(row["meets_time_target"], bool)
+    for config in ("dense", "0.2"):
+        (run,) = report["runs"][config]
+        assert run["steps"] and run["peak_rss_mb"] >= run["rss_at_start_mb"] > 0
