@@ -1,7 +1,7 @@
 """`opdlab demo`: the whole study at small scale on the built-in pair, offline, on CPU.
 
-    opdlab demo             # default preset (about 6 min on 2 cores)
-    opdlab demo --quick     # a first look (about 3 min)
+    opdlab demo             # the default preset
+    opdlab demo --quick     # a first look: a few minutes on a laptop CPU
     opdlab demo --full      # longer runs, wider sweeps
     opdlab demo --resume    # continue an interrupted demo; finished stages are kept
     opdlab demo --vlm       # a smaller study on the vision-language pair (recipes/demo_vlm.py)
@@ -59,6 +59,8 @@ class Preset:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# The demo's sizes, its experiments included (they reuse the demo's main runs). `opdlab experiment
+# --preset` has its own table, opdlab.recipes.experiment.PRESETS, for experiments that train every arm.
 PRESETS: dict[str, Preset] = {
     "quick": Preset(steps=30, lr=3e-4, prompts_per_step=16, samples_per_prompt=4, num_eval=128,
                     sweep_lrs=[1e-6, 1e-4, 3e-4], sgd_lrs=[0.01, 0.03, 0.1]),
