@@ -253,7 +253,7 @@ def parity(paths: dict, s: dict) -> dict:
 
     from opdlab.data.prompts import render_prompts
     from opdlab.distill.rollout import roll_out
-    from opdlab.distill.train import accumulate_gradients
+    from opdlab.distill.step import StepModels, accumulate_gradients, loss_function
 
     torch.manual_seed(s["seed"])
     tok = AutoTokenizer.from_pretrained(paths["student"])
@@ -274,7 +274,8 @@ def parity(paths: dict, s: dict) -> dict:
     # opdlab: the trainer's own accumulation function
     cfg = opdlab_config(paths, s, 1, "unused")
     student.train()
-    loss_opdlab = accumulate_gradients(cfg, student, teacher, None, batch, None, vocab)[0]
+    models = StepModels(student, teacher, None, vocab, cfg.rollout.micro_batch)
+    loss_opdlab = accumulate_gradients(models, batch, loss_function(cfg.method, cfg.loss)).loss
     g_opdlab = grads(student)
 
     # reference: F.kl_div on full logits, summed over completion tokens / their count

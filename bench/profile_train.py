@@ -40,7 +40,7 @@ PARTS = [
     ("  sampling processor (SeededSampling)", "distill/sampling.py", "__call__"),
     ("  decode completions", "distill/rollout.py", "decode_completions"),
     ("step: teacher scoring", "distill/rollout.py", "score"),
-    ("step: student + loss + backward (accumulate_gradients)", "distill/train.py", "accumulate_gradients"),
+    ("step: student + loss + backward (accumulate_gradients)", "distill/step.py", "accumulate_gradients"),
     ("  student/teacher forward (completion_logits)", "distill/rollout.py", "completion_logits"),
     ("  opd_loss", "distill/losses.py", "opd_loss"),
     ("  log_softmax_chunked", "distill/losses.py", "log_softmax_chunked"),

@@ -30,14 +30,14 @@ def poison_step(monkeypatch, step: int, where: str) -> None:
     original = train_module.accumulate_gradients
     calls = {"n": 0}
 
-    def poisoned(cfg, student, *args, **kwargs):
-        loss, kl, t_score, t_update = original(cfg, student, *args, **kwargs)
+    def poisoned(models, *args, **kwargs):
+        loss, kl, t_score, t_update = original(models, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == step:
             if where == "loss":
                 loss = float("nan")
             else:
-                next(p for p in student.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+                next(p for p in models.student.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
         return loss, kl, t_score, t_update
 
     monkeypatch.setattr(train_module, "accumulate_gradients", poisoned)

@@ -18,13 +18,15 @@ Shapes: B rows (prompts x samples), T = P + C columns, C completion columns, V v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from opdlab.distill.sampling import SeededSampling
 from opdlab.errors import UserError
+
+Role = Literal["student", "teacher"]  # whose reading of a batch: each model may see its own prompt
 
 
 @dataclass
@@ -37,6 +39,11 @@ class Rollout:
     prompt_len: P.
     completions: decoded completions (special tokens and EOS stripped), one per row.
     examples: the example behind each row (a prompt repeated `samples` times sits in adjacent rows).
+    teacher_view: the same completions behind the teacher's own prompts (method opsd: privileged
+      context, `with_prompts`); None when the teacher reads this batch as the student does.
+
+    The trainer reads a batch only through `num_rows`, `num_tokens`, `rows`, `logits` and
+    `score`, which `opdlab.distill.vlm.VisualRollout` has too.
     """
 
     input_ids_BT: Tensor
@@ -45,6 +52,7 @@ class Rollout:
     prompt_len: int
     completions: list[str]
     examples: list[Any]
+    teacher_view: "Rollout | None" = None
 
     @property
     def targets_BC(self) -> Tensor:
@@ -55,6 +63,28 @@ class Rollout:
     def mask_BC(self) -> Tensor:
         """Completion mask restricted to the completion columns, [B, C]."""
         return self.completion_mask_BT[:, self.prompt_len:]
+
+    @property
+    def num_rows(self) -> int:
+        """B, the number of completions."""
+        return len(self.examples)
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens in the batch (those the loss counts)."""
+        return int(self.completion_mask_BT.sum())
+
+    def logits(self, model: Any, role: Role, vocab_size: int | None = None) -> Tensor:
+        """`completion_logits` of `model` reading the batch as `role` does, [B, C, V] (with autograd)."""
+        return completion_logits(model, self.view(role), vocab_size)
+
+    def score(self, model: Any, role: Role, vocab_size: int) -> Tensor:
+        """`score`: logits of a frozen `model` reading the batch as `role` does, [B, C, V], no autograd."""
+        return score(model, self.view(role), vocab_size)
+
+    def view(self, role: Role) -> "Rollout":
+        """The token ids `role` reads: the teacher's own view where there is one, else this batch."""
+        return self.teacher_view if role == "teacher" and self.teacher_view is not None else self
 
     def rows(self, start: int, stop: int) -> "Rollout":
         """Rows [start, stop) as a smaller rollout, with all-pad columns at both ends dropped."""
@@ -67,6 +97,7 @@ class Rollout:
         return Rollout(
             ids[:, first_prompt:last], attn[:, first_prompt:last], comp[:, first_prompt:last],
             self.prompt_len - first_prompt, self.completions[start:stop], self.examples[start:stop],
+            self.teacher_view.rows(start, stop) if self.teacher_view is not None else None,
         )
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from opdlab.data.visual_tasks import user_turn
-from opdlab.distill.rollout import completion_mask, decode_completions, eos_token_ids
+from opdlab.distill.rollout import Role, completion_mask, decode_completions, eos_token_ids
 from opdlab.errors import UserError
 
 Family = Literal["rope1d", "mrope", "prefix_lm"]
@@ -281,7 +281,8 @@ class VisualRollout:
 
     `prompts` maps a role ("student", "teacher", ...) to that model's own left-padded prompt
     inputs; the completion is shared. `targets_BC`, `mask_BC`, `completion_mask_BT`,
-    `completions`, `examples` and `rows` mean what they mean on `Rollout`.
+    `completions`, `examples`, `num_rows`, `num_tokens`, `rows`, `logits` and `score` mean what
+    they mean on `Rollout`, so the trainer never asks which kind of batch it holds.
     """
 
     prompts: dict[str, PromptBatch]
@@ -302,6 +303,24 @@ class VisualRollout:
     def completion_mask_BT(self) -> Tensor:
         """The student's full-sequence loss mask (its sum is the batch's completion-token count)."""
         return sequence_loss_mask(self.prompts["student"], self.completion_mask_BC)
+
+    @property
+    def num_rows(self) -> int:
+        """B, the number of completions."""
+        return len(self.examples)
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens in the batch (those the loss counts)."""
+        return int(self.completion_mask_BT.sum())
+
+    def logits(self, model: Any, role: Role, vocab_size: int | None = None) -> Tensor:
+        """`rollout_logits`: `model` through the prompt inputs of `role`, [B, C, V] (with autograd)."""
+        return rollout_logits(model, self, role, vocab_size)
+
+    def score(self, model: Any, role: Role, vocab_size: int) -> Tensor:
+        """`score_visual`: a frozen `model` through the prompt inputs of `role`, [B, C, V], no autograd."""
+        return score_visual(model, self, vocab_size, role)
 
     def rows(self, start: int, stop: int) -> "VisualRollout":
         """Rows [start, stop) of every role's prompts and of the completion (a micro-batch)."""
