@@ -15,6 +15,7 @@ the evaluation schedule: a resumed run stays bit-identical.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,8 +23,8 @@ import torch
 from opdlab.data.tasks import get_task
 from opdlab.data.visual_tasks import get_visual_task, visual_task_names
 from opdlab.distill.losses import log_softmax_chunked, reverse_kl
-from opdlab.distill.rollout import Rollout, completion_logits, roll_out, score, with_prompts
-from opdlab.distill.vlm import VisualRollout, roll_out_visual, rollout_logits, score_visual
+from opdlab.distill.rollout import Rollout, roll_out, with_prompts
+from opdlab.distill.vlm import VisualRollout, roll_out_visual
 
 
 def has_answers(examples: Sequence[Any]) -> bool:
@@ -47,15 +48,16 @@ def rollout_correct(completions: Sequence[str], examples: Sequence[Any]) -> torc
 
 @torch.no_grad()
 def mean_reverse_kl(
-    student: Any, teacher: Any, batch: Rollout, vocab_size: int, chunk: int, teacher_batch: Rollout | None = None,
+    student: Any, teacher: Any, batch: Rollout | VisualRollout, vocab_size: int, chunk: int,
 ) -> tuple[float, int]:
-    """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one rollout batch.
+    """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one batch.
 
-    `teacher_batch`: the teacher's view of the same completions (default `batch` itself).
+    Each model reads the batch as its role does (`batch.logits` / `batch.score`): a text batch's
+    `teacher_view` (method opsd), a VLM batch's per-model prompt inputs.
     """
     mask = batch.mask_BC
-    logp_s = log_softmax_chunked(completion_logits(student, batch, vocab_size), chunk, mask)
-    logp_t = log_softmax_chunked(score(teacher, teacher_batch or batch, vocab_size), chunk, mask)
+    logp_s = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
+    logp_t = log_softmax_chunked(batch.score(teacher, "teacher", vocab_size), chunk, mask)
     return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
 
 
@@ -78,9 +80,10 @@ def evaluate(
     privileged prompt instead of the student's.
     """
     def kl(batch: Rollout, a: int) -> tuple[float, int]:
-        view = batch if teacher_prompt_ids is None else \
-            with_prompts(batch, teacher_prompt_ids[a:a + batch_size], tokenizer.pad_token_id)
-        return mean_reverse_kl(student, teacher, batch, vocab_size, chunk, view)
+        if teacher_prompt_ids is not None:
+            view = with_prompts(batch, teacher_prompt_ids[a:a + batch_size], tokenizer.pad_token_id)
+            batch = replace(batch, teacher_view=view)
+        return mean_reverse_kl(student, teacher, batch, vocab_size, chunk)
 
     return _greedy_eval(
         student, examples, batch_size,
@@ -115,15 +118,6 @@ def _greedy_eval(
     return accuracy_row(completions, examples, kl_sum / max(kl_tokens, 1))
 
 
-@torch.no_grad()
-def mean_reverse_kl_visual(student: Any, teacher: Any, batch: VisualRollout, vocab_size: int, chunk: int) -> tuple[float, int]:
-    """`mean_reverse_kl` for a VLM batch: each model through its own processor's prompt inputs."""
-    mask = batch.mask_BC
-    logp_s = log_softmax_chunked(rollout_logits(student, batch, "student", vocab_size), chunk, mask)
-    logp_t = log_softmax_chunked(score_visual(teacher, batch, vocab_size), chunk, mask)
-    return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
-
-
 def evaluate_visual(
     student: Any,
     teacher: Any,
@@ -143,7 +137,7 @@ def evaluate_visual(
         student, examples, batch_size,
         lambda a, b: roll_out_visual(student, processors, examples[a:b], samples=1,
                                      max_new_tokens=max_new_tokens, greedy=True),
-        lambda batch, _: mean_reverse_kl_visual(student, teacher, batch, vocab_size, chunk),
+        lambda batch, _: mean_reverse_kl(student, teacher, batch, vocab_size, chunk),
     )
 
 

@@ -1,4 +1,4 @@
-"""The training loop for all three methods: load -> roll out -> score -> loss -> step -> log -> checkpoint.
+"""The training loop for all four methods: load -> roll out -> score -> loss -> step -> log -> checkpoint.
 
     run_dir = train(load_config(DistillConfig, None, {"method": "opd", "run.steps": 50}), Path("runs/opd"))
 
