@@ -52,12 +52,12 @@ def mean_reverse_kl(
 ) -> tuple[float, int]:
     """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one batch.
 
-    Each model reads the batch as its role does (`batch.logits` / `batch.score`): a text batch's
+    Each model reads the batch as its role does (`batch.logits` / `batch.frozen_logits`): a text batch's
     `teacher_view` (method opsd), a VLM batch's per-model prompt inputs.
     """
     mask = batch.mask_BC
     logp_s = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
-    logp_t = log_softmax_chunked(batch.score(teacher, "teacher", vocab_size), chunk, mask)
+    logp_t = log_softmax_chunked(batch.frozen_logits(teacher, "teacher", vocab_size), chunk, mask)
     return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
 
 

@@ -43,7 +43,7 @@ class Rollout:
       context, `with_prompts`); None when the teacher reads this batch as the student does.
 
     The trainer reads a batch only through `num_rows`, `num_tokens`, `rows`, `logits` and
-    `score`, which `opdlab.distill.vlm.VisualRollout` has too.
+    `frozen_logits`, which `opdlab.distill.vlm.VisualRollout` has too.
     """
 
     input_ids_BT: Tensor
@@ -78,7 +78,7 @@ class Rollout:
         """`completion_logits` of `model` reading the batch as `role` does, [B, C, V] (with autograd)."""
         return completion_logits(model, self.view(role), vocab_size)
 
-    def score(self, model: Any, role: Role, vocab_size: int) -> Tensor:
+    def frozen_logits(self, model: Any, role: Role, vocab_size: int) -> Tensor:
         """`score`: logits of a frozen `model` reading the batch as `role` does, [B, C, V], no autograd."""
         return score(model, self.view(role), vocab_size)
 

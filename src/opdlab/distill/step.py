@@ -5,7 +5,7 @@
     sums.loss, sums.reverse_kl            # of the whole step, as if it were one big batch
 
 `batch` is a text `Rollout` or a vision-language `VisualRollout`; both give each model's logits
-on the completion tokens (`batch.logits`, `batch.score`), so nothing here asks which it holds.
+on the completion tokens (`batch.logits`, `batch.frozen_logits`), so nothing here asks which it holds.
 The methods differ only in the loss of one micro-batch, chosen once by `loss_function`:
   opd, opsd  `opd_loss` between the student's and the teacher's distributions (`loss.loss`).
   sft        cross-entropy of the student on the teacher's tokens.
@@ -38,7 +38,7 @@ class StepModels:
     """The models a step runs, and how it runs them.
 
     student: the model being trained (one forward with autograd per micro-batch).
-    teacher: the frozen scorer of every completion (`batch.score(teacher, "teacher", ...)`).
+    teacher: the frozen scorer of every completion (`batch.frozen_logits(teacher, "teacher", ...)`).
     reference: the frozen source of the student (method rl with `loss.rl_kl_coef` > 0), else None.
     vocab_size: the vocabulary rows student and teacher share; logits are cut to these.
     micro_batch: rows per forward/backward pass.
@@ -139,8 +139,8 @@ def accumulate_gradients(
     for start in range(0, batch.num_rows, size):
         t0 = time.perf_counter()
         rows = batch.rows(start, start + size)
-        teacher_logits = rows.score(models.teacher, "teacher", vocab)
-        reference_logits = rows.score(models.reference, "student", vocab) if models.reference is not None else None
+        teacher_logits = rows.frozen_logits(models.teacher, "teacher", vocab)
+        reference_logits = rows.frozen_logits(models.reference, "student", vocab) if models.reference is not None else None
         t1 = time.perf_counter()
         student_logits = rows.logits(models.student, "student", vocab)  # the one student forward of these rows
         advantages = advantages_B[start:start + size].to(student_logits.device) if advantages_B is not None else None

@@ -24,8 +24,8 @@ How the file reads: `train` = `set_up` (load, check, build the optimizer, restor
 every choice that depends on the method or the kind of pair is made here, once) + `run_steps`
 (roll out -> score -> loss -> step -> log -> checkpoint). Vision-language pairs (`models.vlm`,
 docs/vlm.md) run the same loop: their rollouts come from `roll_out_visual` (each model's own
-processor), and a `VisualRollout` answers the loop's questions (`logits`, `score`, `rows`,
-`num_tokens`) as a text `Rollout` does. The loss of one micro-batch lives in `distill/step.py`.
+processor), and a `VisualRollout` answers the loop's questions (`logits`, `frozen_logits`,
+`rows`, `num_tokens`) as a text `Rollout` does. The loss of one micro-batch lives in `distill/step.py`.
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ class VisualRollout:
 
     `prompts` maps a role ("student", "teacher", ...) to that model's own left-padded prompt
     inputs; the completion is shared. `targets_BC`, `mask_BC`, `completion_mask_BT`,
-    `completions`, `examples`, `num_rows`, `num_tokens`, `rows`, `logits` and `score` mean what
+    `completions`, `examples`, `num_rows`, `num_tokens`, `rows`, `logits` and `frozen_logits` mean what
     they mean on `Rollout`, so the trainer never asks which kind of batch it holds.
     """
 
@@ -318,7 +318,7 @@ class VisualRollout:
         """`rollout_logits`: `model` through the prompt inputs of `role`, [B, C, V] (with autograd)."""
         return rollout_logits(model, self, role, vocab_size)
 
-    def score(self, model: Any, role: Role, vocab_size: int) -> Tensor:
+    def frozen_logits(self, model: Any, role: Role, vocab_size: int) -> Tensor:
         """`score_visual`: a frozen `model` through the prompt inputs of `role`, [B, C, V], no autograd."""
         return score_visual(model, self, vocab_size, role)
 
