@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opdlab.analysis.selection import TopKSum
+from opdlab.analysis.selection import TopKSum, select_sums
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +59,31 @@ def test_zero_and_tiny_values_order_correctly():
     sel.add_pass1(v, w)
     sel.add_pass2(v, w)
     assert sel.result() == [1.0, 11.0]
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_one_shot_selection_equals_two_streamed_passes(largest):
+    torch.manual_seed(1)
+    v = torch.randn(6000).abs()
+    w = torch.rand(6000) < 0.4
+    ks = [1, 7, 600, 3000, 6000]
+    sel = TopKSum(ks, largest)
+    for vb, wb in zip(v.split(1000), w.split(1000)):
+        sel.add_pass1(vb, wb)
+    for vb, wb in zip(v.split(1000), w.split(1000)):
+        sel.add_pass2(vb, wb)
+    assert select_sums(v, w, ks, largest) == sel.result()
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_bf16_values_skip_pass_two_with_the_same_answer(largest):
+    torch.manual_seed(2)
+    v = torch.randn(5000).abs().bfloat16()  # few distinct values: many ties
+    w = torch.rand(5000)
+    ks = [1, 50, 2500, 5000]
+    fast = TopKSum(ks, largest)
+    fast.add_pass1(v, w)
+    assert not fast.needs_pass2
+    for k, got in zip(ks, fast.result()):
+        assert got == pytest.approx(_reference(v.float(), w, k, largest), rel=1e-12, abs=1e-9)
+    assert select_sums(v, w, ks, largest) == pytest.approx(select_sums(v.float(), w, ks, largest), rel=1e-12)

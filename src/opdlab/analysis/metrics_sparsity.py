@@ -53,21 +53,29 @@ def sparsity_count_keys() -> list[str]:
             + [f"n_below_rms_{fmt(t)}" for t in TAUS])
 
 
-def sparsity_counts(delta: torch.Tensor, rms_source: float) -> dict[str, float]:
+def sparsity_counts(delta: torch.Tensor, rms_source: float, nonzero_abs: torch.Tensor | None = None) -> dict[str, float]:
     """Counts of changed coordinates and of |Δ| below the ε and τ·rms(W) thresholds.
 
     Args:
         delta: Δ in fp32, any shape (a row block of a tensor is fine: counts add up).
         rms_source: rms(W) of the *whole* tensor, sqrt(ΣW²/n).
+        nonzero_abs: |Δ| of the nonzero entries of `delta`, when the caller has it already
+            (every threshold is positive, so zeros count below all of them: only the
+            nonzero entries are compared — 10× fewer for a 10 %-dense update).
     Returns:
         {"changed", "changed_atol_1e-05", "n_below_eps_<ε>"…, "n_below_rms_<τ>"…} as floats.
     """
-    a = delta.abs()
-    out = {"changed": float((a > 0).sum()), f"changed_atol_{fmt(ATOL_LOOSE)}": float((a > ATOL_LOOSE).sum())}
+    a = delta.reshape(-1).abs()[delta.reshape(-1) != 0] if nonzero_abs is None else nonzero_abs
+    zeros = float(delta.numel() - a.numel())
+
+    def below(x: float) -> float:
+        return zeros + float(torch.count_nonzero(a < x))
+
+    out = {"changed": float(a.numel()), f"changed_atol_{fmt(ATOL_LOOSE)}": float(torch.count_nonzero(a > ATOL_LOOSE))}
     for e in EPSILONS:
-        out[f"n_below_eps_{fmt(e)}"] = float((a < e).sum())
+        out[f"n_below_eps_{fmt(e)}"] = below(e)
     for t in TAUS:
-        out[f"n_below_rms_{fmt(t)}"] = float((a < t * rms_source).sum())
+        out[f"n_below_rms_{fmt(t)}"] = below(t * rms_source)
     return out
 
 
