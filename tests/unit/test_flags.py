@@ -88,7 +88,7 @@ def _value(info: Any, flag: Flag) -> tuple[list[str], Any]:
         return [choice], choice
     if typing.get_origin(tp) is list:
         item = typing.get_args(tp)[0]
-        words = ["0.5", "0.25"] if item is float else (["sft"] if info.path == "evidence_methods" else ["a.x", "b.x"])
+        words = ["0.5", "0.25"] if item is float else (["sft"] if info.path in ("evidence_methods", "arms") else ["a.x", "b.x"])
         return words, [item(w) for w in words]
     if tp is int:
         return [str(info.default + 1)], info.default + 1

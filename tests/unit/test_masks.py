@@ -263,3 +263,44 @@ def test_overlap_by_block_adds_up():
     mlp = out["blocks"]["mlp"]
     assert mlp["both"] == sum(int((a[n] & b[n]).sum()) for n in names[:2]) and mlp["n"] == 60
     assert out["blocks"]["attention"]["a"] == int(a[names[2]].sum())
+
+
+# ----------------------------------------------------------------------------- the fp32 top-update control
+
+
+def test_top_update_like_keeps_per_tensor_counts_and_picks_the_largest(tmp_path):
+    torch.manual_seed(1)
+    w, b = torch.randn(20, 10), torch.randn(10)
+    step_w = torch.rand(20, 10) * 1e-3          # distinct magnitudes: the top k is unique
+    step_b = torch.rand(10) * 1e-3
+    base_f = write(tmp_path / "base.safetensors", {"model.w": w, "model.b": b})
+    tuned_f = write(tmp_path / "tuned.safetensors", {"model.w": w + step_w, "model.b": b - step_b})
+    like = {"model.w": torch.zeros(20, 10, dtype=torch.bool), "model.b": torch.zeros(10, dtype=torch.bool)}
+    like["model.w"].view(-1)[torch.randperm(200)[:37]] = True   # an arbitrary mask: only its counts matter
+    like["model.b"][[0, 5]] = True
+    top = M.top_update_like(base_f, tuned_f, like, progress=False)
+    assert {k: int(v.sum()) for k, v in top.items()} == {"model.w": 37, "model.b": 2}
+    # independent reference: the 37 largest fp32 changes of w, by sorting
+    delta_w = ((w + step_w) - w).abs().flatten()
+    expected = torch.zeros(200, dtype=torch.bool)
+    expected[delta_w.argsort(descending=True)[:37]] = True
+    assert torch.equal(top["model.w"].flatten(), expected)
+    assert set(top["model.b"].nonzero().flatten().tolist()) == set(((b - step_b) - b).abs().argsort()[-2:].tolist())
+    # an empty tensor stays empty; a count above the changed coordinates still gives exactly that count
+    like["model.b"][:] = False
+    assert not M.top_update_like(base_f, tuned_f, like, progress=False)["model.b"].any()
+
+
+def test_top_update_like_differs_from_a_threshold_mask_and_names_missing_tensors(tmp_path):
+    w = torch.ones(4, 4)
+    tuned = w.clone()
+    tuned[0, 0] += 1e-3      # large update
+    tuned[1, 1] += 2e-6      # small update, still > 1e-6
+    base_f = write(tmp_path / "base.safetensors", {"model.w": w})
+    tuned_f = write(tmp_path / "tuned.safetensors", {"model.w": tuned})
+    like = {"model.w": torch.zeros(4, 4, dtype=torch.bool)}
+    like["model.w"][3, 3] = True                      # one coordinate, not the largest update
+    top = M.top_update_like(base_f, tuned_f, like, progress=False)["model.w"]
+    assert top[0, 0] and int(top.sum()) == 1
+    with pytest.raises(UserError, match="model.other"):
+        M.top_update_like(base_f, tuned_f, {"model.other": torch.ones(2, dtype=torch.bool)}, progress=False)

@@ -248,3 +248,32 @@ def test_bad_template_on_the_command_line_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data.privileged_template" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_sft_privileged_teacher_writes_behind_its_prompt_and_the_student_reads_behind_its_own(tiny):
+    """data.privileged_teacher with sft: the writer sees the privileged prompts; the returned batch has the
+    student's plain prompts in front of exactly those completion tokens, and the teacher's view is the written one."""
+    from opdlab.config import RolloutConfig
+    from opdlab.distill.train import privileged_teacher, roll_out_sft_privileged
+
+    model, tok = tiny
+    assert privileged_teacher(load_config(DistillConfig, None, {"method": "sft", "data.privileged_teacher": True}))
+    assert not privileged_teacher(load_config(DistillConfig, None, {"method": "sft"}))
+    r = RolloutConfig(samples_per_prompt=2, max_new_tokens=3)
+    seen = {}
+
+    def sample(writer, tokenizer, prompt_ids, examples, **kwargs):
+        seen["prompts"] = prompt_ids
+        return roll_out(writer, tokenizer, prompt_ids, examples, **kwargs)
+
+    examples = EXAMPLES[:2]
+    batch = roll_out_sft_privileged(r, tok, tok, model, sample, TEMPLATE, examples, [1, 2, 3, 4])
+    assert seen["prompts"] == teacher_prompt_ids(tok, examples, TEMPLATE)
+    plain = render_prompts(tok, [ex.prompt for ex in batch.examples])
+    for i, ids in enumerate(plain):
+        row = batch.input_ids_BT[i, :batch.prompt_len][batch.attention_mask_BT[i, :batch.prompt_len].bool()]
+        assert row.tolist() == list(ids)
+    reference = roll_out(model, tok, teacher_prompt_ids(tok, examples, TEMPLATE), examples, samples=2,
+                         max_new_tokens=3, temperature=1.0, top_p=1.0, seeds=[1, 2, 3, 4])
+    assert torch.equal(batch.targets_BC, reference.targets_BC) and batch.completions == reference.completions
+    assert torch.equal(batch.teacher_view.input_ids_BT, reference.input_ids_BT)

@@ -2,11 +2,17 @@
 
     row = evaluate(student, teacher, tok, examples, prompt_ids, max_new_tokens=16, batch_size=64,
                    vocab_size=V, chunk=4096)
-    row  # {"eval/accuracy": 0.42, "eval/reverse_kl": 0.18, "eval/accuracy/addition": 0.42, ...}
+    row  # {"eval/accuracy": 0.42, "eval/reverse_kl": 0.18, "eval/reverse_kl_se": 0.01,
+         #  "eval/answer_logp": -2.3, "eval/answer_logp_se": 0.2, "eval/num_examples": 128, ...}
 
 The student answers each held-out prompt greedily (the deterministic "what has it learned"
 view); the reverse KL KL(p_student || p_teacher), summed over the vocabulary, is averaged over
-the completion tokens of those greedy answers. Accuracy is skipped when the prompts carry no
+the completion tokens of those greedy answers. Two continuous metrics come with their standard
+errors over prompts, for when accuracy on a few hundred questions is too coarse to show a
+change: the reverse KL (`reverse_kl_se`, the ratio estimator's delta-method error with prompts
+as clusters) and, for text prompts with answers, the student's log-likelihood of the reference
+answer right after the prompt (`answer_logp`, summed over the answer's tokens, averaged over
+prompts; one extra forward pass per batch). Accuracy is skipped when the prompts carry no
 answers (a user prompts file without an answer field). Evaluation draws no random numbers,
 and runs inside `torch.random.fork_rng` anyway, so the training stream is the same whatever
 the evaluation schedule: a resumed run stays bit-identical.
@@ -23,7 +29,7 @@ import torch
 from opdlab.data.tasks import get_task
 from opdlab.data.visual_tasks import get_visual_task, visual_task_names
 from opdlab.distill.losses import log_softmax_chunked, reverse_kl
-from opdlab.distill.rollout import Rollout, roll_out, with_prompts
+from opdlab.distill.rollout import Rollout, left_pad, roll_out, with_prompts
 from opdlab.distill.vlm import VisualRollout, roll_out_visual
 
 
@@ -46,11 +52,30 @@ def rollout_correct(completions: Sequence[str], examples: Sequence[Any]) -> torc
     return torch.tensor([float(is_correct(c, ex)) for c, ex in zip(completions, examples)])
 
 
+def ratio_se(sums: Sequence[float], counts: Sequence[float]) -> float | None:
+    """Standard error of sum(sums)/sum(counts) with rows as independent clusters (delta method).
+
+    For a per-token mean over prompts with different completion lengths; with equal counts it is
+    the usual standard error of the per-prompt means. None for fewer than two rows or no tokens.
+    """
+    m, total = len(sums), float(sum(counts))
+    if m < 2 or total <= 0:
+        return None
+    ratio, mean_count = float(sum(sums)) / total, total / m
+    resid = sum((s - ratio * c) ** 2 for s, c in zip(sums, counts))
+    return (resid / (m * (m - 1))) ** 0.5 / mean_count
+
+
+def mean_se(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of `values` (None for fewer than two)."""
+    return ratio_se(values, [1.0] * len(values))
+
+
 @torch.no_grad()
 def mean_reverse_kl(
     student: Any, teacher: Any, batch: Rollout | VisualRollout, vocab_size: int, chunk: int,
-) -> tuple[float, int]:
-    """(sum over completion tokens of KL(p_s || p_t), number of tokens) on one batch.
+) -> tuple[list[float], list[int]]:
+    """Per row: (sum over completion tokens of KL(p_s || p_t), number of tokens) on one batch.
 
     Each model reads the batch as its role does (`batch.logits` / `batch.frozen_logits`): a text batch's
     `teacher_view` (method opsd), a VLM batch's per-model prompt inputs.
@@ -58,7 +83,35 @@ def mean_reverse_kl(
     mask = batch.mask_BC
     logp_s = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
     logp_t = log_softmax_chunked(batch.frozen_logits(teacher, "teacher", vocab_size), chunk, mask)
-    return float(reverse_kl(logp_s, logp_t, mask).sum()), int(mask.sum())
+    return reverse_kl(logp_s, logp_t, mask).sum(-1).tolist(), mask.sum(-1).tolist()
+
+
+@torch.no_grad()
+def answer_logprobs(
+    student: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], examples: Sequence[Any], vocab_size: int,
+    chunk: int,
+) -> list[float]:
+    """log p_student(reference answer | prompt) per example, summed over the answer's tokens.
+
+    The answer text (`str(example.answer)`) is tokenized without special tokens and placed right
+    after the rendered prompt, as the first tokens of the student's reply.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    answers = [tokenizer.encode(str(ex.answer), add_special_tokens=False) or [pad] for ex in examples]
+    ids_p, attn_p = left_pad(prompt_ids, pad)
+    width = max(len(a) for a in answers)
+    ans = torch.full((len(answers), width), pad, dtype=torch.long)
+    ans_mask = torch.zeros((len(answers), width), dtype=torch.long)
+    for i, a in enumerate(answers):
+        ans[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        ans_mask[i, : len(a)] = 1
+    device = next(student.parameters()).device
+    batch = Rollout(torch.cat([ids_p, ans], 1).to(device), torch.cat([attn_p, ans_mask], 1).to(device),
+                    torch.cat([torch.zeros_like(attn_p), ans_mask], 1).to(device), ids_p.shape[1], [], list(examples))
+    mask = ans_mask.to(device)
+    logp = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
+    token_logp = logp.gather(-1, batch.targets_BC.unsqueeze(-1)).squeeze(-1)
+    return (token_logp * mask).sum(-1).tolist()
 
 
 def evaluate(
@@ -79,17 +132,20 @@ def evaluate(
     `teacher_prompt_ids` (method opsd): the teacher scores each greedy answer behind its own,
     privileged prompt instead of the student's.
     """
-    def kl(batch: Rollout, a: int) -> tuple[float, int]:
+    def kl(batch: Rollout, a: int) -> tuple[list[float], list[int]]:
         if teacher_prompt_ids is not None:
             view = with_prompts(batch, teacher_prompt_ids[a:a + batch_size], tokenizer.pad_token_id)
             batch = replace(batch, teacher_view=view)
         return mean_reverse_kl(student, teacher, batch, vocab_size, chunk)
 
+    def answer(a: int, b: int) -> list[float]:
+        return answer_logprobs(student, tokenizer, prompt_ids[a:b], examples[a:b], vocab_size, chunk)
+
     return _greedy_eval(
         student, examples, batch_size,
         lambda a, b: roll_out(student, tokenizer, prompt_ids[a:b], examples[a:b],
                               samples=1, max_new_tokens=max_new_tokens, greedy=True),
-        kl,
+        kl, answer if has_answers(examples) else None,
     )
 
 
@@ -98,24 +154,41 @@ def _greedy_eval(
     examples: Sequence[Any],
     batch_size: int,
     roll: Callable[[int, int], Any],
-    kl: Callable[[Any, int], tuple[float, int]],
+    kl: Callable[[Any, int], tuple[list[float], list[int]]],
+    answer: Callable[[int, int], list[float]] | None = None,
 ) -> dict[str, float]:
     """The evaluation loop both model kinds share: greedy batches of `examples[a:b]` from `roll`,
-    summed reverse KL from `kl(batch, a)`, in eval mode and without touching the training RNG."""
+    per-row reverse KL sums and token counts from `kl(batch, a)`, the answer log-likelihoods from
+    `answer(a, b)` when given; in eval mode and without touching the training RNG."""
     with torch.random.fork_rng(devices=[]):
         was_training = student.training
         student.eval()
         try:
             completions: list[str] = []
-            kl_sum, kl_tokens = 0.0, 0
+            kl_sums: list[float] = []
+            kl_tokens: list[int] = []
+            answer_logp: list[float] = []
             for start in range(0, len(examples), batch_size):
                 batch = roll(start, start + batch_size)
                 completions.extend(batch.completions)
                 s, n = kl(batch, start)
-                kl_sum, kl_tokens = kl_sum + s, kl_tokens + n
+                kl_sums += s
+                kl_tokens += n
+                if answer is not None:
+                    answer_logp += answer(start, start + batch_size)
         finally:
             student.train(was_training)
-    return accuracy_row(completions, examples, kl_sum / max(kl_tokens, 1))
+    row = accuracy_row(completions, examples, sum(kl_sums) / max(sum(kl_tokens), 1))
+    row["eval/num_examples"] = len(examples)
+    se = ratio_se(kl_sums, kl_tokens)
+    if se is not None:
+        row["eval/reverse_kl_se"] = se
+    if answer_logp:
+        row["eval/answer_logp"] = sum(answer_logp) / len(answer_logp)
+        se = mean_se(answer_logp)
+        if se is not None:
+            row["eval/answer_logp_se"] = se
+    return row
 
 
 def evaluate_visual(

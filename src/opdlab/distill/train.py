@@ -52,7 +52,7 @@ from opdlab.distill.guards import StopRequest, skip_nonfinite
 from opdlab.distill.logging import MetricsLog, require_tensorboard, truncate_metrics
 from opdlab.distill.losses import group_advantages
 from opdlab.distill.privileged import check_privileged, teacher_message, teacher_prompt_ids, teacher_view
-from opdlab.distill.rollout import Rollout, roll_out
+from opdlab.distill.rollout import Rollout, roll_out, with_prompts
 from opdlab.distill.sampling import row_seeds
 from opdlab.distill.sources import PromptSource, prompt_source
 from opdlab.distill.step import Batch, MicroBatchLoss, StepModels, accumulate_gradients, loss_function
@@ -130,7 +130,7 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
     ctx = init_from_env(cfg.model.device)  # world size 1 unless launched by torchrun (opdlab.dist)
     check_divisible(ctx, cfg.rollout.prompts_per_step)
 
-    models = load_models(cfg.model, self_teacher=cfg.method == "opsd")
+    models = load_models(cfg.model, self_teacher=privileged_teacher(cfg))
     source = prompt_source(cfg, models.task, models.vlm)
     preflight(cfg, models, source)
     reference = None  # rl's KL penalty: the student's frozen source
@@ -175,7 +175,7 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
 def run_steps(run: Run, log: MetricsLog | NullLog, stop: StopRequest) -> None:
     """Steps `first_step + 1` .. `run.steps`, each: roll out -> score -> loss -> step -> log -> checkpoint."""
     cfg, ctx = run.cfg, run.ctx
-    if run.first_step == 0:
+    if run.first_step == 0 and cfg.run.eval_start:
         log.write({"step": 0, **run.evaluate()})
 
     for step in range(run.first_step + 1, cfg.run.steps + 1):
@@ -262,6 +262,9 @@ def rollout_function(cfg: DistillConfig, models: Models, step_models: StepModels
     text = partial(roll_out_text, cfg.rollout, models.tokenizer, writer, sample)
     if cfg.method == "opsd":
         return partial(roll_out_privileged, text, models.teacher_tokenizer, cfg.data.privileged_template)
+    if cfg.method == "sft" and cfg.data.privileged_teacher:
+        return partial(roll_out_sft_privileged, cfg.rollout, models.tokenizer, models.teacher_tokenizer, writer, sample,
+                       cfg.data.privileged_template)
     return text
 
 
@@ -278,6 +281,19 @@ def roll_out_privileged(text: RollOut, tokenizer: Any, template: str, examples: 
     """opsd: the student's batch, and the teacher's view of it: the same completions behind privileged prompts."""
     batch = text(examples, seeds)
     return replace(batch, teacher_view=teacher_view(batch, tokenizer, template))
+
+
+def roll_out_sft_privileged(
+    r: RolloutConfig, tokenizer: Any, teacher_tokenizer: Any, teacher: Any, sample: Callable[..., Rollout],
+    template: str, examples: list[Any], seeds: list[int],
+) -> Rollout:
+    """sft with data.privileged_teacher: the source writes behind its privileged prompts (the teacher's view);
+    the student reads the same completion tokens behind its plain prompts."""
+    written = sample(teacher, teacher_tokenizer, teacher_prompt_ids(teacher_tokenizer, examples, template), examples,
+                     samples=r.samples_per_prompt, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                     top_p=r.top_p, seeds=seeds)
+    plain = render_prompts(tokenizer, [ex.prompt for ex in written.examples])
+    return replace(with_prompts(written, plain, tokenizer.pad_token_id), teacher_view=written)
 
 
 def roll_out_visual_batch(
@@ -327,7 +343,7 @@ def evaluation(cfg: DistillConfig, models: Models, step_models: StepModels, sour
         return partial(evaluate_visual, student, teacher, processors, examples, **kwargs)
     tok = models.tokenizer
     privileged_ids = (teacher_prompt_ids(models.teacher_tokenizer, examples, cfg.data.privileged_template)
-                      if cfg.method == "opsd" else None)
+                      if privileged_teacher(cfg) else None)
     return partial(evaluate, student, teacher, tok, examples, render_prompts(tok, [ex.prompt for ex in examples]),
                    teacher_prompt_ids=privileged_ids, **kwargs)
 
@@ -343,7 +359,7 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
     check_tokenizers(student_tok, teacher_tok, vocab_size(models.student), vocab_size(models.teacher),
                      str(models.student_path), str(models.teacher_path))
     if models.vlm:
-        if cfg.method == "opsd":
+        if privileged_teacher(cfg):
             raise UserError("method opsd: not supported for vision-language pairs yet; use opd with a teacher")
         if cfg.data.prompts is None and (not source.task or source.task not in visual_task_names()):
             raise UserError(f"task {source.task!r}: a VLM pair needs a visual task ({', '.join(visual_task_names())})")
@@ -352,7 +368,7 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
         return  # image tokens are not in a text-only length check; built-in prompts are short
     for examples, where in source.checks:
         check_prompt_lengths(examples, models.tokenizer, cfg.data.max_prompt_tokens, where)
-    if cfg.method == "opsd":
+    if privileged_teacher(cfg):
         for examples, where in source.checks:
             check_privileged(examples, where, cfg.data.privileged_field)
             privileged = [replace(ex, prompt=teacher_message(ex, cfg.data.privileged_template)) for ex in examples]
@@ -363,6 +379,12 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
     if cfg.method == "rl" and not has_answers(source.eval_examples + (source.pool or [])):
         raise UserError(f"{cfg.data.prompts}: method rl needs a reward: every record needs the answer field "
                         f"'{cfg.data.answer_field}'")
+
+
+def privileged_teacher(cfg: DistillConfig) -> bool:
+    """The teacher is the student's frozen source reading privileged prompts: method opsd, and methods sft
+    and rl with data.privileged_teacher (the baselines of a self-distillation study)."""
+    return cfg.method == "opsd" or (cfg.method in ("sft", "rl") and cfg.data.privileged_teacher)
 
 
 def vocab_size(model: Any) -> int:

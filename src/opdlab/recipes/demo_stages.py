@@ -5,8 +5,8 @@
     analyze_runs(manifest, source, {"opd": out / "runs" / "opd"}, out)
     write_report(manifest, out, runs)      # report/report.html, and the findings on the terminal
 
-`opdlab demo` (recipes/demo.py), `--vlm` (recipes/demo_vlm.py) and `--real` (recipes/demo_real.py)
-each call these; they import none of each other.
+`opdlab study` (recipes/study.py) calls these; `opdlab demo` and its `--real` and `--vlm` presets
+are studies (recipes/demo.py).
 """
 
 from __future__ import annotations
@@ -27,8 +27,18 @@ from opdlab.report.discover import discover, findings_inputs
 from opdlab.report.findings import build_findings, format_table
 
 
+# Stage kinds whose cost scales with training steps (their plan weight is steps); the others with their count.
+TRAINING_KINDS = ("run", "experiment")
+
+
 class Manifest:
-    """`demo.json`: which stages ran, where their results are, and how long they took."""
+    """`demo.json`: which stages ran, where their results are, and how long they took.
+
+    With `plan({name: (kind, weight)})` (weight: training steps for runs and experiments, 1 for an
+    analysis or report) every finished stage also prints its position and an estimate of the time
+    left: the remaining weight of each kind times the seconds per unit measured so far for that
+    kind (training kinds share one rate; `prior_s` per unit until a stage of that class has run).
+    """
 
     def __init__(self, out: Path, preset: str, resume: bool) -> None:
         self.path = out / "demo.json"
@@ -37,6 +47,41 @@ class Manifest:
         self.data: dict[str, Any] = {"schema": 1, "preset": preset, "opdlab_version": __version__,
                                      "stages": old.get("stages", []), "total_s": old.get("total_s", 0.0)}
         self._base_total = float(self.data["total_s"] or 0.0)
+        self._plan: dict[str, tuple[str, float]] = {}
+        self._prior: dict[str, float] = {}
+        self._spent: dict[str, list[float]] = {}  # rate class -> [seconds, weight] of stages run in this process
+
+    def plan(self, stages: dict[str, tuple[str, float]], prior_s: dict[str, float] | None = None) -> None:
+        """The stages to come, {name: (kind, weight)}, and prior seconds per unit of weight by class."""
+        self._plan = dict(stages)
+        self._prior = dict(prior_s or {})
+
+    @staticmethod
+    def _rate_class(kind: str) -> str:
+        return "train" if kind in TRAINING_KINDS else kind
+
+    def time_left(self) -> float | None:
+        """Estimated seconds for the planned stages not done yet (None without a rate for some of them)."""
+        total = 0.0
+        for name, (kind, weight) in self._plan.items():
+            if self.done(name):
+                continue
+            cls = self._rate_class(kind)
+            spent = self._spent.get(cls)
+            rate = spent[0] / spent[1] if spent and spent[1] > 0 else self._prior.get(cls)
+            if rate is None:
+                return None
+            total += rate * weight
+        return total
+
+    def progress(self) -> str:
+        """'[k/N done, about M min left]' for a planned study; '' without a plan."""
+        if not self._plan:
+            return ""
+        finished = sum(1 for name in self._plan if self.done(name))
+        left = self.time_left()
+        eta = "" if left is None else f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+        return f" [{finished}/{len(self._plan)} stages done{eta}]"
 
     def done(self, name: str) -> dict[str, Any] | None:
         for s in self.data["stages"]:
@@ -58,7 +103,11 @@ class Manifest:
                                     "seconds": seconds, "status": "done"})
         self.data["total_s"] = round(self._base_total + time.time() - self.started, 1)
         write_json(self.path, self.data)
-        print(f"  [{kind}] {name}: {seconds:.0f} s", flush=True)
+        if name in self._plan:
+            spent = self._spent.setdefault(self._rate_class(self._plan[name][0]), [0.0, 0.0])
+            spent[0] += seconds
+            spent[1] += self._plan[name][1]
+        print(f"  [{kind}] {name}: {seconds:.0f} s{self.progress()}", flush=True)
         return result
 
 
@@ -68,13 +117,13 @@ def analyze_pair(source: Path, tuned: Path, dest: Path, dtype: str = "bf16") -> 
                                                      "dtype": dtype, "overwrite": True}))
 
 
-def analyze_runs(manifest: Manifest, source: Path, runs: dict[str, Path], out: Path) -> None:
-    """Analyze every run against the source in bf16, plus the fp32 twin of opd (precision control)."""
+def analyze_runs(manifest: Manifest, source: Path, runs: dict[str, Path], out: Path, main: str = "opd") -> None:
+    """Analyze every run against the source in bf16, plus the fp32 twin of `main` (precision control)."""
     for name, run_dir in runs.items():
         dest = out / "analysis" / name
         manifest.run(f"analysis-{name}", "analysis", dest, lambda r=run_dir, d=dest: analyze_pair(source, r, d), out)
-    dest = out / "analysis" / "opd-fp32"
-    manifest.run("analysis-opd-fp32", "analysis", dest, lambda: analyze_pair(source, runs["opd"], dest, "fp32"), out)
+    dest = out / "analysis" / f"{main}-fp32"
+    manifest.run(f"analysis-{main}-fp32", "analysis", dest, lambda: analyze_pair(source, runs[main], dest, "fp32"), out)
 
 
 def write_report(manifest: Manifest, out: Path, runs: dict[str, Path]) -> Path:
@@ -91,9 +140,10 @@ def write_report(manifest: Manifest, out: Path, runs: dict[str, Path]) -> Path:
 def print_findings(findings_file: Path, runs: dict[str, Path]) -> None:
     """A short table of the runs and the findings on the terminal."""
     print("\nruns (held-out accuracy, teacher-student reverse KL per token: start -> end)")
+    main = next(iter(runs.values()), None)  # the main run's step-0 evaluation stands in for arms without one
     for name, run_dir in runs.items():
         try:
-            e = final_eval(run_dir)
+            e = final_eval(run_dir, start_from=main)
         except UserError:
             continue
         print(f"  {name:<12} acc {_fmt(e['accuracy_start'])} -> {_fmt(e['accuracy'])}   "

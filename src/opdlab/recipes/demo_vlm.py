@@ -10,6 +10,9 @@ Llama language model; docs/vlm.md), in `--out`:
   analysis/opd-fp32       the fp32 twin of opd (precision control)
   report/report.html      the findings and figures (`opdlab report` renders it again from files)
 
+A preset of `opdlab study` (recipes/study.py) with only the sft arm: it chooses the pair, the task
+and the budget.
+
 Where this deviates from the text demo, and why:
 1. No RL baseline, run comparisons, experiments or step-size sweep: the VLM demo shows that the
    same loop and analysis work on a VLM pair within minutes; the text demo carries the study.
@@ -23,11 +26,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opdlab.config import DemoConfig, DistillConfig, load_config
-from opdlab.fileio import prepare_out_dir
-from opdlab.models.vlm_zoo import build_vlm_pair
-from opdlab.recipes.demo_stages import Manifest, analyze_runs, write_report
-from opdlab.recipes.experiment import train_arm
+from opdlab.config import DemoConfig, DistillConfig, StudyConfig, load_config
+from opdlab.recipes.study import run_study
 
 PAIR = "shapes-vlm-tiny"
 
@@ -50,22 +50,7 @@ def vlm_base_config(out: Path) -> DistillConfig:
 
 def demo_vlm(cfg: DemoConfig) -> Path:
     """Run the VLM demo into `cfg.out`; return the report's path."""
-    out = Path(cfg.out)
-    if not (cfg.resume and out.is_dir()):
-        prepare_out_dir(out, cfg.overwrite)
-    manifest = Manifest(out, "vlm", cfg.resume)
-    print(f"opdlab demo (vlm, {PAIR}) -> {out}", flush=True)
-
-    source = Path(build_vlm_pair(PAIR).student)  # copied from the package on first use
-    base = vlm_base_config(out / "runs" / "opd")
-
-    # ---- 1. OPD and SFT from one source, matched budgets
-    runs: dict[str, Path] = {}
-    for method in ("opd", "sft"):
-        run_dir = out / "runs" / method
-        runs[method] = run_dir
-        manifest.run(method, "run", run_dir, lambda m=method, d=run_dir: train_arm(base, d, {"method": m}), out)
-
-    # ---- 2. what each run changed (bf16, plus the fp32 precision control for opd); 3. the report
-    analyze_runs(manifest, source, runs, out)
-    return write_report(manifest, out, runs)
+    study = load_config(StudyConfig, None, {"out": cfg.out, "overwrite": cfg.overwrite, "resume": cfg.resume,
+                                            "method": "opd", "arms": ["sft"], "seeds": 1})
+    study.train = vlm_base_config(Path(cfg.out) / "runs" / "opd")
+    return run_study(study, "vlm", announce=f"opdlab demo (vlm, {PAIR}) -> {cfg.out}")

@@ -5,7 +5,8 @@
 
 subnetwork: (1) full OPD from the source; (2) the mask of coordinates it changed (|delta| > mask_atol
 in mask_dtype); (3) retrain from the source with only that mask trainable, same data order, seed
-and schedule; (4) the same with a random mask of identical per-tensor density. Writes
+and schedule; (4) the same with a random mask of identical per-tensor density, and (with
+`top_update_mask`) with the coordinates of the largest fp32 update at that density. Writes
 `subnetwork.json` (docs/formats.md) with accuracy, teacher-student KL, trainable fraction and how
 close each retrained model ends to the full run.
 
@@ -24,7 +25,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,7 +35,9 @@ from opdlab.errors import UserError
 from opdlab.fileio import prepare_out_dir, read_jsonl, relative_path, write_json
 from opdlab.recipes.distill import distill
 from opdlab.subnet.evidence import second_moment_spread, weight_closeness
-from opdlab.subnet.masks import density, extract_mask, load_mask, mask_metadata, random_like, save_mask
+from opdlab.subnet.masks import (
+    density, extract_mask, load_mask, mask_metadata, random_like, save_mask, top_update_like,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `--preset`: overrides of ExperimentConfig, applied over --config and under --set (cli.to_config).
@@ -93,19 +96,35 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def final_eval(run_dir: Path) -> dict[str, Any]:
-    """The first and last evaluation of a run: accuracy and teacher-student reverse KL."""
+def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/accuracy" in r or "eval/reverse_kl" in r]
     if not rows:
         raise UserError(f"{run_dir}/metrics.jsonl: no evaluation rows; was the run interrupted before step 0 finished?")
+    return rows
+
+
+def final_eval(run_dir: Path, start_from: Path | None = None) -> dict[str, Any]:
+    """The first and last evaluation of a run: accuracy, teacher-student reverse KL and the answer
+    log-likelihood, each with its standard error where the run logged one (`_start`: step 0).
+
+    A run trained with `run.eval_start` off has no step-0 row: its `_start` values are those of
+    `start_from` (a run from the same source on the same held-out prompts), else absent.
+    """
+    rows = _eval_rows(run_dir)
     first, last = rows[0], rows[-1]
-    return {
-        "accuracy": last.get("eval/accuracy"),
-        "reverse_kl": last.get("eval/reverse_kl"),
-        "accuracy_start": first.get("eval/accuracy"),
-        "reverse_kl_start": first.get("eval/reverse_kl"),
-        "step": last.get("step"),
-    }
+    if first.get("step") != 0:
+        first = _eval_rows(start_from)[0] if start_from is not None else {}
+    out: dict[str, Any] = {}
+    for key in EVAL_KEYS:
+        out[key] = last.get(f"eval/{key}")
+        out[f"{key}_start"] = first.get(f"eval/{key}")
+    out["step"] = last.get("step")
+    return {k: v for k, v in out.items() if v is not None or k in ("accuracy", "reverse_kl", "accuracy_start",
+                                                                      "reverse_kl_start", "step")}
+
+
+# metrics.jsonl eval keys (without "eval/") that experiment rows carry, at the end and at step 0
+EVAL_KEYS = ("accuracy", "reverse_kl", "reverse_kl_se", "answer_logp", "answer_logp_se", "num_examples")
 
 
 def source_of(run_dir: Path) -> Path:
@@ -127,10 +146,14 @@ def _trainable_fraction(mask_file: Path | None) -> float:
 # ----------------------------------------------------------------------------- subnetwork
 
 
-def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full_run: Path | None = None) -> Path:
+def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full_run: Path | None = None,
+                   arm_overrides: dict[str, Any] | None = None, after_arm: Callable[[Path], None] | None = None) -> Path:
     """Full OPD, then retraining with its mask and with a random mask of matched density.
 
-    `full_run` reuses a finished OPD run made with `cfg.train` (the demo passes its main run).
+    `full_run` reuses a finished OPD run made with `cfg.train` (the demo passes its main run);
+    `arm_overrides` are applied to every masked arm (a study turns off their step-0 evaluation and
+    takes the full run's instead); `after_arm(run_dir)` runs once a masked arm's figures are taken
+    (a study deletes what it no longer needs).
     """
     started = time.time()
     train = opd_arm(cfg.train)
@@ -148,23 +171,35 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
     if not random_file.is_file():
         control = random_like(masks, seed=cfg.train.run.seed)
         save_mask(random_file, control, mask_metadata("random_like", control, source=str(mask_file), seed=cfg.train.run.seed))
+    arm_masks: list[tuple[str, Path | None]] = [("full", None), ("subnetwork", mask_file)]
+    if cfg.top_update_mask:
+        top_file = out / "masks" / "top_update.safetensors"
+        if not top_file.is_file():
+            top = top_update_like(source, full, masks, dtype="fp32", progress=progress)
+            save_mask(top_file, top, mask_metadata("top_update_like", top, source=str(mask_file), base=str(source),
+                                                   tuned=str(full), dtype="fp32"))
+        arm_masks.append(("top_update", top_file))
+    arm_masks.append(("random", random_file))
 
     arms: dict[str, dict[str, Any]] = {}
-    for name, mask in (("full", None), ("subnetwork", mask_file), ("random", random_file)):
-        run_dir = full if mask is None else train_arm(train, out / "runs" / name, {"optim.mask": str(mask)}, progress)
+    for name, mask in arm_masks:
+        run_dir = full if mask is None else train_arm(train, out / "runs" / name,
+                                                      {**(arm_overrides or {}), "optim.mask": str(mask)}, progress)
         row = {"run_dir": relative_path(run_dir, out), "mask": relative_path(mask, out) if mask else None,
                "trainable_fraction": _trainable_fraction(mask)}
-        row.update(final_eval(run_dir))
+        row.update(final_eval(run_dir, start_from=full))
         if mask is not None:
             row["close_to_full"] = weight_closeness(source, full, run_dir)
+            if after_arm is not None:
+                after_arm(run_dir)
         arms[name] = row
     first = final_eval(full)
     result = {
         "schema": 1,
         "kind": "subnetwork",
         "num_eval": train.data.num_eval,
-        "source": {"path": relative_path(source, out), "accuracy": first["accuracy_start"],
-                   "reverse_kl": first["reverse_kl_start"]},
+        "source": {"path": relative_path(source, out),
+                   **{k: first[f"{k}_start"] for k in EVAL_KEYS if f"{k}_start" in first}},
         "mask": {"file": relative_path(mask_file, out), "atol": cfg.mask_atol, "dtype": cfg.mask_dtype,
                  "density": arms["subnetwork"]["trainable_fraction"]},
         "runs": arms,
@@ -192,31 +227,57 @@ def adam_evidence(run_dir: Path, out: Path) -> dict[str, Any] | None:
     run_dir is relative to `out`, the folder of the optimizers.json it goes into."""
     loaded = _adam_state(run_dir)
     if loaded is None:
-        return None
+        cached = run_dir / EVIDENCE_FILE  # written before the run's resumable state was deleted (save_adam_evidence)
+        if not cached.is_file():
+            return None
+        return {**json.loads(cached.read_text(encoding="utf-8")), "run_dir": relative_path(run_dir, out)}
     spread = second_moment_spread(*loaded)
     lr = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
     return {"run_dir": relative_path(run_dir, out), "lr": lr, "median_cv": spread["median"], "mean_cv": spread["mean"],
             "per_tensor": spread["per_tensor"]}
 
 
+EVIDENCE_FILE = "adam_evidence.json"
+
+
+def save_adam_evidence(run_dir: Path) -> None:
+    """Keep a finished AdamW run's second-moment evidence beside it, so its optimizer state may be deleted."""
+    row = adam_evidence(run_dir, run_dir)
+    if row is not None and not (run_dir / EVIDENCE_FILE).is_file():
+        write_json(run_dir / EVIDENCE_FILE, row)
+
+
 def run_optimizers(
-    cfg: ExperimentConfig, out: Path, progress: bool = True, evidence_runs: dict[str, Path] | None = None
+    cfg: ExperimentConfig, out: Path, progress: bool = True, evidence_runs: dict[str, Path] | None = None,
+    reuse: dict[tuple[str, float], Path] | None = None, arm_overrides: dict[str, Any] | None = None,
+    start_from: Path | None = None, after_arm: Callable[[Path], None] | None = None,
 ) -> Path:
     """AdamW vs SGD (with and without momentum), each over a learning-rate sweep, plus evidence.
 
     `evidence_runs` maps a method to a finished AdamW run of it to read the second moment from
     (the demo passes its main opd/sft/rl runs); other methods are trained at AdamW's best lr.
+    `reuse` maps (optimizer, lr) to a finished run made with exactly that arm's config (the study's
+    main run), which stands in for training the arm again. `arm_overrides` go to every trained arm;
+    `start_from` supplies the step-0 evaluation of arms trained without one (`final_eval`);
+    `after_arm(run_dir)` runs once a trained arm's row is taken.
     """
     started = time.time()
     train = opd_arm(cfg.train)
     arms = [("adamw", lr, {"optim.optimizer": "adamw"}) for lr in cfg.adamw_lrs]
     arms += [("sgd", lr, {"optim.optimizer": "sgd", "optim.momentum": 0.0}) for lr in cfg.sgd_lrs]
-    arms += [("sgd_momentum", lr, {"optim.optimizer": "sgd", "optim.momentum": cfg.sgd_momentum}) for lr in cfg.sgd_lrs]
+    arms += [("sgd_momentum", lr, {"optim.optimizer": "sgd", "optim.momentum": cfg.sgd_momentum})
+             for lr in cfg.sgd_momentum_lrs or cfg.sgd_lrs]
     sweep = []
     for name, lr, extra in arms:
-        run_dir = train_arm(train, out / "runs" / f"{name}-lr{lr:g}", {**extra, "optim.lr": lr}, progress)
+        if reuse and (name, lr) in reuse:  # a finished run of exactly this arm (the study's main run)
+            run_dir = Path(reuse[(name, lr)])
+        else:
+            run_dir = train_arm(train, out / "runs" / f"{name}-lr{lr:g}",
+                                {**(arm_overrides or {}), **extra, "optim.lr": lr}, progress)
         row = {"optimizer": name, "lr": lr, "run_dir": relative_path(run_dir, out)}
-        row.update(final_eval(run_dir))
+        row.update(final_eval(run_dir, start_from=start_from))
+        if after_arm is not None and not (reuse and (name, lr) in reuse):
+            after_arm(run_dir)
         sweep.append(row)
     best: dict[str, Any] = {}
     for name in ("adamw", "sgd", "sgd_momentum"):
@@ -233,8 +294,8 @@ def run_optimizers(
         elif method == "opd":
             run_dir = out / best["adamw"]["run_dir"]
         else:
-            run_dir = train_arm(train, out / "runs" / f"evidence-{method}", {"method": method, "optim.optimizer": "adamw",
-                                                                           "optim.lr": best_lr}, progress)
+            run_dir = train_arm(train, out / "runs" / f"evidence-{method}", {
+                **(arm_overrides or {}), "method": method, "optim.optimizer": "adamw", "optim.lr": best_lr}, progress)
         row = adam_evidence(run_dir, out)
         if row is not None:
             evidence[method] = row

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from opdlab.report.verdicts import (
-    ADAMW_MARGIN_ACCURACY, ADAMW_MARGIN_KL_FRACTION, CLAIMS, FAILS, HOLDS, INCONCLUSIVE, MIN_GAIN_ACCURACY,
+    ADAMW_MARGIN_ACCURACY, ADAMW_MARGIN_KL_FRACTION, CLAIMS, FAILS, GAIN_Z, HOLDS, INCONCLUSIVE, MIN_GAIN_ACCURACY,
     MIN_GAIN_KL_FRACTION, RANDOM_GAP_MIN, RECOVERY_FAILS_BELOW, RECOVERY_HOLDS_MIN, Z_NOISE, Finding, FindingInputs,
-    fmt, gap_is_noise, not_measured, num,
+    MetricChoice, choose_metric, diff_se, fmt, gap_is_noise, join_parts, not_measured, num, row_se,
 )
+
 
 def _pick_metric(entries: list[dict[str, Any]]) -> str | None:
     """'accuracy' when every entry has it, else 'reverse_kl' when every entry has that, else None."""
@@ -21,11 +22,13 @@ def _pick_metric(entries: list[dict[str, Any]]) -> str | None:
     return None
 
 
-ARMS = ("full", "subnetwork", "random", "lora")  # subnetwork.json "runs" keys, in display order
+# subnetwork.json "runs" keys, in display order: top_update is the fp32 largest-update mask at the
+# subnetwork mask's per-tensor density (the magnitude control), random the density-matched random mask
+ARMS = ("full", "subnetwork", "top_update", "random", "lora")
 
 
 def subnetwork_arms(sub: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """subnetwork.json "runs" as {arm: row}, known arms first (full, subnetwork, random, lora)."""
+    """subnetwork.json "runs" as {arm: row}, known arms first (full, subnetwork, top_update, random, lora)."""
     raw = sub.get("runs")
     runs = {str(k): v for k, v in raw.items() if isinstance(v, dict)} if isinstance(raw, dict) else {}
     return {k: runs[k] for k in sorted(runs, key=lambda k: (ARMS.index(k) if k in ARMS else len(ARMS), k))}
@@ -50,26 +53,64 @@ def _has_gain(metric: str, source: float, full: float) -> bool:
     return source - full >= MIN_GAIN_KL_FRACTION * source
 
 
+def _within_noise(a: dict[str, Any], b: dict[str, Any], metric: str, n: float | None) -> bool:
+    """True when two arms' final values of `metric` differ by at most Z_NOISE standard errors."""
+    va, vb = num(a.get(metric)), num(b.get(metric))
+    if va is None or vb is None:
+        return False
+    if metric == "accuracy":
+        return gap_is_noise(va, vb, n)
+    se = diff_se(row_se(a, metric, n), row_se(b, metric, n))
+    return se is not None and abs(va - vb) <= Z_NOISE * se
+
+
+def _no_gain(choice: MetricChoice, metric: str, src: float, full: float) -> bool:
+    """The full run did not improve on the source: beyond GAIN_Z standard errors when they are known,
+    else by the fixed MIN_GAIN thresholds."""
+    return not choice.gained if choice.gained is not None else not _has_gain(metric, src, full)
+
+
+def _top_update_note(opd: dict[str, Any], top: dict[str, Any] | None, metric: str, n: float | None,
+                     rec_opd: float, rec_top: float | None) -> str:
+    """What the fp32 largest-update mask of the same density says about the bf16 mask."""
+    if top is None or rec_top is None:
+        return ""
+    if _within_noise(opd, top, metric, n):
+        return (f"the fp32 largest-update mask of the same density recovers {fmt(rec_top, True)}, within noise of "
+                "the bf16 mask: the bf16 mask carries nothing measurable beyond update size")
+    more = "more" if rec_opd > rec_top else "less"
+    return (f"the fp32 largest-update mask of the same density recovers {fmt(rec_top, True)}; the bf16 mask "
+            f"recovers {more} than update size alone explains")
+
+
 def claim_subnetwork(inp: FindingInputs) -> Finding:
-    rule = (f"recovery = (masked − source)/(full − source) on accuracy (else eval reverse KL); holds if the OPD mask "
-            f"recovers ≥ {RECOVERY_HOLDS_MIN:.0%}, the random mask ≥ {RANDOM_GAP_MIN:.0%} less and the accuracy gap "
+    rule = (f"recovery = (masked − source)/(full − source) on accuracy when the full run's accuracy gain exceeds "
+            f"{GAIN_Z:g} standard errors, else on eval reverse KL; holds if the OPD mask "
+            f"recovers ≥ {RECOVERY_HOLDS_MIN:.0%}, the random mask ≥ {RANDOM_GAP_MIN:.0%} less and their gap "
             f"exceeds {Z_NOISE:g} standard errors; does not hold if the OPD mask recovers < {RECOVERY_FAILS_BELOW:.0%} "
-            f"or the random mask ≥ {RECOVERY_HOLDS_MIN:.0%} (or more than the OPD mask)")
+            f"or the random mask ≥ {RECOVERY_HOLDS_MIN:.0%} (or more than the OPD mask); inconclusive when the full "
+            "run's gain is within noise")
     sub = inp.subnetwork or {}
     arms = subnetwork_arms(sub)
     source, full, opd = sub.get("source") or {}, arms.get("full"), arms.get("subnetwork")
     if not source or full is None or opd is None:
         return not_measured(3, "subnetwork.json with source and 'full' and 'subnetwork' runs", rule)
-    rand = arms.get("random")
-    metric = _pick_metric([source, full, opd] + ([rand] if rand else []))
-    if metric is None:
+    rand, top = arms.get("random"), arms.get("top_update")
+    n = num(sub.get("num_eval"))
+    choice = choose_metric(source, full, n)
+    metric = choice.metric or _pick_metric([source, full, opd] + ([rand] if rand else []))
+    if metric is None or any(num(x.get(metric)) is None for x in (source, full, opd)):
         return not_measured(3, "accuracy or reverse_kl for source, full and masked runs in subnetwork.json", rule)
     src, fv, ov = (float(x[metric]) for x in (source, full, opd))
     rv = num(rand.get(metric)) if rand else None
-    vals: dict[str, Any] = {"metric": metric, "source": src, "full": fv, "opd_mask": ov, "random_mask": rv,
-                            "opd_density": num(opd.get("trainable_fraction"))}
+    tv = num(top.get(metric)) if top else None
+    vals: dict[str, Any] = {"metric": metric, "metric_reason": choice.reason, "source": src, "full": fv,
+                            "opd_mask": ov, "random_mask": rv, "top_update_mask": tv,
+                            "opd_density": num(opd.get("trainable_fraction")), "gain": choice.gain,
+                            "gain_se": choice.gain_se}
     lora = arms.get("lora")
     measured = f"{metric}: source {fmt(src)}, full OPD {fmt(fv)}, OPD mask {fmt(ov)}"
+    measured += f", fp32 top-update mask {fmt(tv)}" if top else ""
     measured += f", random mask {fmt(rv)}" if rand else ""
     measured += f", LoRA {fmt(num(lora.get(metric)))}" if lora else ""
     equal, distance = closeness(opd)
@@ -78,13 +119,16 @@ def claim_subnetwork(inp: FindingInputs) -> Finding:
                      f"relative distance {fmt(distance)}")
     control = (f"random mask of matched density ({fmt(num((rand or {}).get('trainable_fraction')), True)} trainable)"
                if rand else "random mask: missing")
-    if not _has_gain(metric, src, fv):
+    if _no_gain(choice, metric, src, fv):
         return Finding(3, CLAIMS[3], INCONCLUSIVE, measured, control, rule,
-                       "the full run barely improved on the source: nothing to recover", "subnetwork.json", vals)
+                       join_parts("the full run barely improved on the source: nothing to recover", choice.reason),
+                       "subnetwork.json", vals)
     rec_opd = (ov - src) / (fv - src)
     rec_rand = (rv - src) / (fv - src) if rv is not None else None
-    vals.update(recovery_opd=rec_opd, recovery_random=rec_rand)
+    rec_top = (tv - src) / (fv - src) if tv is not None else None
+    vals.update(recovery_opd=rec_opd, recovery_random=rec_rand, recovery_top_update=rec_top)
     measured += f"; recovery OPD mask {fmt(rec_opd, True)}, random {fmt(rec_rand, True)}"
+    measured += f", fp32 top-update {fmt(rec_top, True)}" if top else ""
     caveat = ""
     if rec_opd < RECOVERY_FAILS_BELOW or (rec_rand is not None and
                                           (rec_rand >= RECOVERY_HOLDS_MIN or rec_rand >= rec_opd)):
@@ -93,10 +137,11 @@ def claim_subnetwork(inp: FindingInputs) -> Finding:
         verdict, caveat = INCONCLUSIVE, "no random-mask control in subnetwork.json"
     elif rec_opd >= RECOVERY_HOLDS_MIN and rec_opd - rec_rand >= RANDOM_GAP_MIN:
         verdict = HOLDS
-        if metric == "accuracy" and rv is not None and gap_is_noise(ov, rv, num(sub.get("num_eval"))):
+        if rand is not None and _within_noise(opd, rand, metric, n):
             verdict, caveat = INCONCLUSIVE, f"OPD-mask vs random-mask gap is within {Z_NOISE:g} standard errors"
     else:
         verdict = INCONCLUSIVE
+    caveat = join_parts(caveat, choice.reason, _top_update_note(opd, top, metric, n, rec_opd, rec_top))
     return Finding(3, CLAIMS[3], verdict, measured, control, rule, caveat, "subnetwork.json", vals)
 
 
@@ -120,10 +165,22 @@ def at_grid_edge(sweep: list[dict[str, Any]], optimizer: str, lr: float) -> bool
 def claim_optimizers(inp: FindingInputs) -> Finding:
     rule = (f"compare each optimizer's best lr; holds if AdamW beats the best SGD variant by ≥ {ADAMW_MARGIN_ACCURACY} "
             f"accuracy (or ≥ {ADAMW_MARGIN_KL_FRACTION:.0%} lower reverse KL), beyond {Z_NOISE:g} standard errors, with "
-            "each SGD variant's best lr inside its grid (≥ 3 lrs); does not hold if an SGD variant is as good or better")
+            "each SGD variant's best lr inside its grid (≥ 3 lrs); does not hold if an SGD variant is as good or better; "
+            f"accuracy decides when AdamW's gain over the source exceeds {GAIN_Z:g} standard errors, else reverse KL")
     opt = inp.optimizers or {}
     sweep = [r for r in opt.get("sweep") or [] if isinstance(r, dict)]
-    metric = _pick_metric(sweep)
+    n = num(opt.get("num_eval"))
+    # Which metric decides: accuracy when AdamW's best run gains more than GAIN_Z standard errors over the
+    # source (the step-0 columns of its rows), else the reverse KL; the legacy rule without standard errors.
+    adamw_rows = [r for r in sweep if r.get("optimizer") == "adamw"]
+    choice = MetricChoice(None)
+    if adamw_rows:
+        by_acc = best_per_optimizer(adamw_rows, "accuracy").get("adamw")
+        choice = choose_metric(by_acc or adamw_rows[0], by_acc or adamw_rows[0], n, "_start")
+        if choice.metric == "reverse_kl":
+            by_kl = best_per_optimizer(adamw_rows, "reverse_kl").get("adamw") or adamw_rows[0]
+            choice = choose_metric(by_kl, by_kl, n, "_start")
+    metric = choice.metric or _pick_metric(sweep)
     best = best_per_optimizer(sweep, metric) if metric else {}
     sgd_names = sorted(k for k in best if k != "adamw")
     if "adamw" not in best or not sgd_names or metric is None:
@@ -139,19 +196,26 @@ def claim_optimizers(inp: FindingInputs) -> Finding:
     cv = second_moment_by_method(opt)
     if cv:
         measured += "; median CV of √v within tensors: " + ", ".join(f"{m} {fmt(v)}" for m, v in cv.items())
-    vals: dict[str, Any] = {"metric": metric, "adamw": a, "best_sgd": s, "best_sgd_name": top, "margin": margin,
-                            "second_moment_cv": cv}
+    edges = {k: at_grid_edge(sweep, k, float(best[k]["lr"])) for k in ["adamw"] + sgd_names}
+    measured += "; best lr at a grid edge: " + (", ".join(k for k, e in edges.items() if e) or "none")
+    vals: dict[str, Any] = {"metric": metric, "metric_reason": choice.reason, "adamw": a, "best_sgd": s,
+                            "best_sgd_name": top, "margin": margin, "second_moment_cv": cv,
+                            "best_lr": {k: num(best[k].get("lr")) for k in best}, "best_lr_at_edge": edges,
+                            "gain": choice.gain, "gain_se": choice.gain_se}
     caveat = ""
-    if margin <= 0:
+    sgd_edges = [k for k in sgd_names if edges[k]]
+    if choice.gained is False:
+        verdict, caveat = INCONCLUSIVE, "AdamW's best run did not beat the source beyond noise"
+    elif margin <= 0:
         verdict = FAILS
     elif margin < need:
         verdict = INCONCLUSIVE
-    elif metric == "accuracy" and gap_is_noise(a, s, num(opt.get("num_eval"))):
+    elif _within_noise(best["adamw"], best[top], metric, n):
         verdict, caveat = INCONCLUSIVE, f"the gap is within {Z_NOISE:g} standard errors"
     else:
-        edges = [k for k in sgd_names if at_grid_edge(sweep, k, float(best[k]["lr"]))]
-        verdict = INCONCLUSIVE if edges else HOLDS
-        if edges:
-            caveat = f"best lr of {', '.join(edges)} is at the edge of its grid (or < 3 lrs tried): widen the sweep"
+        verdict = INCONCLUSIVE if sgd_edges else HOLDS
+        if sgd_edges:
+            caveat = f"best lr of {', '.join(sgd_edges)} is at the edge of its grid (or < 3 lrs tried): widen the sweep"
+    caveat = join_parts(caveat, choice.reason)
     return Finding(4, CLAIMS[4], verdict, measured, f"SGD at its own best lr ({top})", rule, caveat,
                    "optimizers.json", vals)

@@ -19,6 +19,7 @@ from typing import Any
 
 from opdlab.report.claims_experiments import claim_optimizers, claim_subnetwork
 from opdlab.report.source_format import gguf_clause, zero_fraction
+from opdlab.report.study_column import add_study_column
 from opdlab.report.verdicts import (  # noqa: F401  (HOLDS ... NOT_MEASURED, FindingInputs: the findings API)
     CLAIMS, FAILS, FFN_FAILS_BELOW, FFN_HEAVY_MIN, FLAT_MULTIPLE_FAILS, FLAT_MULTIPLE_HOLDS, HOLDS, INCONCLUSIVE,
     LOW_MAG_FAILS_MAX, LOW_MAG_HOLDS_MIN, NOT_MEASURED, PRINCIPAL_RATIO_FAILS_ABOVE, PRINCIPAL_RATIO_HOLDS_MAX,
@@ -256,9 +257,10 @@ def claim_on_policy(inp: FindingInputs) -> Finding:
 
 
 def build_findings(inp: FindingInputs) -> list[Finding]:
-    """All eight rows, in the study's order."""
-    return [claim_sparse(inp), claim_spread(inp), claim_subnetwork(inp), claim_optimizers(inp),
-            claim_spectrum(inp), claim_off_principal(inp), claim_near_zero(inp), claim_on_policy(inp)]
+    """All eight rows, in the study's order, each with the study's reported numbers beside opdlab's."""
+    return add_study_column([claim_sparse(inp), claim_spread(inp), claim_subnetwork(inp), claim_optimizers(inp),
+                             claim_spectrum(inp), claim_off_principal(inp), claim_near_zero(inp),
+                             claim_on_policy(inp)], inp)
 
 
 def format_table(rows: list[Finding], width: int = 100) -> str:

@@ -26,6 +26,7 @@ from opdlab.report import figures_runs as F
 from opdlab.report.discover import Analysis, Found, companion_fp32, main_analyses, primary_analysis
 from opdlab.report.claims_experiments import closeness, second_moment_by_method, subnetwork_arms
 from opdlab.report.findings import group_rows
+from opdlab.report.study_column import study_numbers
 from opdlab.report.verdicts import Finding, fmt, num, precision_caveat
 from opdlab.report.source_format import fine_pct, gguf_note, zero_fraction
 
@@ -337,7 +338,8 @@ def render(rows: list[Finding], sections: list[Section], title: str, source: str
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(here)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template("template.html").render(
-        title=title, source=source, rows=rows, sections=sections, verdict_class=VERDICT_CLASS,
+        title=title, source=source, rows=rows, sections=sections, verdict_class=VERDICT_CLASS, fmt=fmt,
+        study_source=study_numbers()["source"], study_caveat=study_numbers()["caveat"],
         css=(here / "style.css").read_text(encoding="utf-8"), version=__version__,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -352,5 +354,6 @@ def write_report(out_dir: Path, rows: list[Finding], sections: list[Section], ti
             (tmp / img.file).write_bytes(img.png)
     write_json(out_dir / "findings.json", {"schema": 1, "source": source, "findings": [
         {"number": r.number, "claim": r.claim, "verdict": r.verdict, "measured": r.measured, "control": r.control,
-         "rule": r.rule, "caveat": r.caveat, "source": r.source, "values": r.values} for r in rows]})
+         "rule": r.rule, "caveat": r.caveat, "source": r.source, "values": r.values, "study": r.study}
+        for r in rows], "study_numbers": {"source": study_numbers()["source"], "caveat": study_numbers()["caveat"]}})
     return write_text(out_dir / "report.html", render(rows, sections, title, source))

@@ -30,6 +30,8 @@ RANDOM_GAP_MIN = 0.1            # OPD-mask recovery minus random-mask recovery
 MIN_GAIN_ACCURACY = 0.02        # the full run must beat the source by this (absolute accuracy) ...
 MIN_GAIN_KL_FRACTION = 0.05     # ... or cut the source's eval reverse KL by this fraction
 Z_NOISE = 2.0                   # accuracy gaps must exceed Z binomial standard errors when num_eval is known
+GAIN_Z = 3.0                    # (3, 4) accuracy decides when the trained run's gain over the source exceeds
+                                # GAIN_Z standard errors; else the reverse KL (with its standard error) decides
 # (4) AdamW vs SGD
 ADAMW_MARGIN_ACCURACY = 0.02
 ADAMW_MARGIN_KL_FRACTION = 0.05
@@ -78,6 +80,8 @@ class Finding:
     caveat: str = ""
     source: str = ""
     values: dict[str, Any] = field(default_factory=dict)
+    # the study's reported number beside each figure opdlab measured (report/study_column.py)
+    study: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +146,60 @@ def gap_is_noise(p_a: float, p_b: float, n: float | None) -> bool:
         return False
     se = math.sqrt(binomial_se(p_a, n) ** 2 + binomial_se(p_b, n) ** 2)
     return abs(p_a - p_b) <= Z_NOISE * se
+
+
+def row_se(row: dict[str, Any], metric: str, n: float | None, suffix: str = "") -> float | None:
+    """Standard error of `metric` in an experiment row: binomial for accuracy (n known), else the
+    row's own `<metric>_se<suffix>` (reverse_kl_se, reverse_kl_se_start, ...)."""
+    if metric == "accuracy":
+        p = num(row.get("accuracy" + suffix))
+        return binomial_se(p, n) if p is not None and n else None
+    return num(row.get(f"{metric}_se{suffix}"))
+
+
+def diff_se(se_a: float | None, se_b: float | None) -> float | None:
+    """Standard error of a difference of two independent estimates (None if either is unknown)."""
+    return None if se_a is None or se_b is None else math.sqrt(se_a ** 2 + se_b ** 2)
+
+
+@dataclass
+class MetricChoice:
+    """Which held-out metric decides claim 3 or 4, why, and whether the trained run gained on it."""
+
+    metric: str | None          # "accuracy", "reverse_kl", or None (decide the legacy way)
+    reason: str = ""
+    gain: float | None = None   # improvement over the source (accuracy up, KL down)
+    gain_se: float | None = None
+
+    @property
+    def gained(self) -> bool | None:
+        """True when the gain exceeds GAIN_Z standard errors (None when the errors are unknown)."""
+        if self.gain is None or self.gain_se is None:
+            return None
+        return self.gain > GAIN_Z * self.gain_se
+
+
+def choose_metric(source: dict[str, Any], trained: dict[str, Any], n: float | None,
+                  source_suffix: str = "") -> MetricChoice:
+    """Accuracy when `trained` beats `source` on it by more than GAIN_Z standard errors; else the
+    reverse KL when both rows carry its standard error; else MetricChoice(None) (files written
+    before the errors were logged: the caller keeps its earlier rule). `source_suffix` "_start"
+    reads the source's values from a run's step-0 columns."""
+    acc_s, acc_t = num(source.get("accuracy" + source_suffix)), num(trained.get("accuracy"))
+    acc_gain = acc_se = None
+    if acc_s is not None and acc_t is not None and n:
+        acc_gain, acc_se = acc_t - acc_s, diff_se(binomial_se(acc_s, n), binomial_se(acc_t, n))
+        if acc_gain > GAIN_Z * acc_se:
+            return MetricChoice("accuracy", f"accuracy decided: its gain over the source {fmt(acc_gain)} exceeds "
+                                f"{GAIN_Z:g} standard errors ({fmt(GAIN_Z * acc_se)})", acc_gain, acc_se)
+    kl_s, kl_t = num(source.get("reverse_kl" + source_suffix)), num(trained.get("reverse_kl"))
+    kl_se = diff_se(num(source.get("reverse_kl_se" + source_suffix)), num(trained.get("reverse_kl_se")))
+    if kl_s is None or kl_t is None or kl_se is None:
+        return MetricChoice(None)
+    why = ("no accuracy" if acc_gain is None else
+           f"accuracy gain {fmt(acc_gain)} is within {GAIN_Z:g} standard errors ({fmt(GAIN_Z * acc_se)})")
+    return MetricChoice("reverse_kl", f"reverse KL decided ({why}); its drop {fmt(kl_s - kl_t)} vs "
+                        f"{GAIN_Z:g} standard errors {fmt(GAIN_Z * kl_se)}", kl_s - kl_t, kl_se)
 
 
 def rounding_share(sparsity_bf16: float | None, sparsity_fp32: float | None,

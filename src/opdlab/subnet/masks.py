@@ -2,8 +2,8 @@
 
 A mask is a `.safetensors` file of bool tensors keyed by canonical parameter names
 (`opdlab.analysis.pairs.canonical_name`), with string metadata in the header:
-`kind` (extract | random_like | union | intersect), `source`, `tuned`, `atol`, `dtype`,
-`density`, `seed`. True means "this coordinate may be trained".
+`kind` (extract | random_like | top_update_like | union | intersect), `source`, `tuned`, `atol`,
+`dtype`, `density`, `seed`. True means "this coordinate may be trained".
 
     masks = extract_mask("runs/base", "runs/opd", atol=0.0, dtype="bf16")
     save_mask("mask.safetensors", masks, mask_metadata("extract", masks, source=..., tuned=...))
@@ -209,6 +209,48 @@ def random_like(masks: MaskDict, seed: int = 0) -> MaskDict:
         flat = torch.zeros(m.numel(), dtype=torch.bool)
         flat[_sample_indices(m.numel(), int(m.sum()), gen)] = True
         out[name] = flat.view(m.shape)
+    return out
+
+
+def top_update_like(
+    base: str | Path | Checkpoint, tuned: str | Path | Checkpoint, like: MaskDict,
+    dtype: str = "fp32", device: str = "cpu", progress: bool = True,
+) -> MaskDict:
+    """The coordinates with the largest |W' - W| (in `dtype`), as many per tensor as `like` holds.
+
+    The magnitude control of a subnetwork mask: same per-tensor density as `like` (say the bf16
+    |delta| > 1e-5 mask), but chosen by update size in fp32. Where it differs from `like`, the
+    bf16 mask carries something beyond update magnitude. Ties at the cut are broken by position
+    (torch.topk), so every tensor holds exactly `like`'s count. Tensors of `like` the pair lacks
+    are an error naming the tensor. Padded vocabularies are compared on shared rows, as in
+    `extract_mask`.
+    """
+    from tqdm import tqdm
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    fp32 = dtype == "fp32"
+    base_ck = base if isinstance(base, Checkpoint) else Checkpoint(base, prefer_fp32=fp32)
+    tuned_ck = tuned if isinstance(tuned, Checkpoint) else Checkpoint(tuned, prefer_fp32=fp32)
+    matching = match_tensors(base_ck, tuned_ck)
+    missing = sorted(set(like) - set(matching.names))
+    if missing:
+        raise UserError(f"mask tensor '{missing[0]}' is not in both checkpoints; was the mask made for this pair?")
+    out: MaskDict = {}
+    pairs = iter_pairs(base_ck, tuned_ck, DTYPES[dtype], matching)
+    for pair in tqdm(pairs, total=len(matching.names), desc="top-update mask", unit="tensor", disable=not progress,
+                     leave=False):
+        if pair.name not in like:
+            continue
+        target = like[pair.name]
+        size = (pair.tuned.to(device).float() - pair.source.to(device).float()).abs().flatten()
+        full_size = torch.full((target.numel(),), -1.0)  # rows only the base has never rank above a real change
+        full_size[: size.numel()] = size.cpu()
+        chosen = torch.zeros(target.numel(), dtype=torch.bool)
+        k = int(target.sum())
+        if k:
+            chosen[torch.topk(full_size, k, sorted=False).indices] = True
+        out[pair.name] = chosen.view(target.shape)
     return out
 
 
