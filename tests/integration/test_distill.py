@@ -54,7 +54,8 @@ def test_opd_run_writes_every_file_and_metric(pair, tmp_path):
         assert (out / "checkpoints/step-2/trainer_state" / name).is_file(), name
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert set(rows[0]) == {"step", "eval/accuracy", "eval/reverse_kl"}  # step 0 is evaluation only
+    assert set(rows[0]) == {"step", "eval/accuracy", "eval/reverse_kl", "eval/reverse_kl_se", "eval/answer_logp",
+                            "eval/answer_logp_se", "eval/num_examples"}  # step 0 is evaluation only
     for row in rows[1:]:
         assert TRAIN_KEYS | {"train/reward", "eval/accuracy", "eval/reverse_kl"} <= set(row)
         assert all(math.isfinite(v) for v in row.values())
