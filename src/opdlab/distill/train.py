@@ -147,8 +147,8 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
     if cfg.optim.mask is not None:
         masks = shard_masks(fit_mask_to_model(load_mask(cfg.optim.mask)[0], named, cfg.optim.mask), named)
     optimizer = build_optimizer(named, cfg.optim, masks)
-    if masks is not None:  # no gradient for frozen tensors, none stored dense for the others (not under FSDP2)
-        optimizer.reduce_gradients_in_backward()
+    # Compact gradients: none for frozen tensors, none stored dense for the others (not under FSDP2).
+    compact = masks is not None and optimizer.reduce_gradients_in_backward()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.run.steps))
     run_eval = evaluation(cfg, models, step_models, source)
@@ -158,6 +158,8 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
         first_step = int(dist_ckpt.load_checkpoint(ctx, resume_from, student, optimizer, scheduler, masks)["step"])
         if ctx.is_main:
             truncate_metrics(run_dir, first_step)
+    if compact:
+        masks = None  # the optimizer holds them as indices; the bool tensors (1 byte a coordinate) are freed
     info = {"status": "running", "method": cfg.method, "step": first_step, "steps": cfg.run.steps,
             "student": str(models.student_path), "teacher": str(models.teacher_path), "task": source.task}
     if ctx.is_main:  # files and progress: rank 0 only
