@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, each writing its JSON into bench/results/.
 
-    python bench/run_all.py                       # the full suite (about 30 min on 2 shared cores)
+    python bench/run_all.py                       # the full suite (about 40 min on 2 shared cores)
     python bench/run_all.py --only train,profile  # a subset
     python bench/run_all.py --quick --results /tmp/r   # smallest sizes, a couple of minutes (smoke run)
     python bench/run_all.py --dry-run             # print the commands only
