@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "opdlab"
 
 # Modules every layer may import: no opdlab imports of their own beyond each other.
-BASE = {"opdlab", "opdlab.errors", "opdlab.fileio", "opdlab.config", "opdlab.config_loading", "opdlab.flags"}
+BASE = {"opdlab", "opdlab.errors", "opdlab.fileio", "opdlab.config", "opdlab.config_loading", "opdlab.flags",
+        "opdlab.devices"}
 LIBRARY = ("models", "data", "distill", "analysis", "subnet", "report", "dist")
 
 # unit -> what it may import: a unit ("base", "recipes", a library package) or one module

@@ -114,9 +114,12 @@ def render_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def check_prompt_lengths(examples: list[Example], tokenizer: Any, max_tokens: int, source: str | Path) -> None:
+def check_prompt_lengths(examples: list[Example], tokenizer: Any, max_tokens: int, source: str | Path,
+                         context: tuple[int, int, str] | None = None) -> None:
     """Raise a UserError naming the first prompt longer than `max_tokens` after the chat template.
 
+    `context` = (positions, max_new_tokens, model): a model with learned positions takes at most
+    `positions` tokens, so a prompt must also leave room for `max_new_tokens` of completion.
     Prompts are rendered exactly as rollouts render them (`render_prompts`): one rendering path
     for counting and sampling.
     """
@@ -126,6 +129,13 @@ def check_prompt_lengths(examples: list[Example], tokenizer: Any, max_tokens: in
             raise UserError(
                 f"{source}: {unit} {number}: prompt is {len(ids)} tokens after the chat template, more than "
                 f"max_prompt_tokens={max_tokens}; shorten it or raise data.max_prompt_tokens"
+            )
+        if context is not None and len(ids) + context[1] > context[0]:
+            positions, new_tokens, model = context
+            raise UserError(
+                f"{source}: {unit} {number}: prompt is {len(ids)} tokens after the chat template; with "
+                f"rollout.max_new_tokens={new_tokens} that is more than the {positions} positions of {model}; "
+                "shorten the prompt or lower rollout.max_new_tokens"
             )
 
 

@@ -189,6 +189,10 @@ def load_checkpoint(
     if set(master) != set(params):
         odd = sorted(set(master) ^ set(params))[0]
         raise UserError(f"{folder}: master weights do not match the student (tensor '{odd}'); resume with the run's own student")
+    for name, p in params.items():
+        if tuple(master[name].shape) != tuple(p.shape):
+            raise UserError(f"{folder}: tensor '{name}' has shape {list(master[name].shape)} in the checkpoint but "
+                            f"{list(p.shape)} in the student; resume with the run's own student (same shapes)")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(master[name].to(p.device))

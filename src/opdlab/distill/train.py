@@ -62,6 +62,7 @@ from opdlab.errors import UserError
 from opdlab.fileio import write_text
 from opdlab.models.compat import check_tokenizers
 from opdlab.models.loading import Models, load_models, load_teacher
+from opdlab.models.metadata import learned_position_limit
 from opdlab.subnet.masks import fit_mask_to_model, load_mask, zero_grads_outside
 from opdlab.subnet.optimizers import build_optimizer, clip_gradients
 
@@ -368,14 +369,24 @@ def preflight(cfg: DistillConfig, models: Models, source: PromptSource) -> None:
         if cfg.rollout.backend != "hf":
             raise UserError("rollout.backend vllm: not supported for VLM pairs; use rollout.backend=hf")
         return  # image tokens are not in a text-only length check; built-in prompts are short
+    # Learned absolute positions (GPT-2 style) end at a fixed table: prompt plus completion must fit.
+    new = cfg.rollout.max_new_tokens
+    student_room, teacher_room = (None if limit is None else (limit, new, f"the {role} model ({path})")
+                                  for limit, role, path in ((learned_position_limit(models.student), "student",
+                                                             models.student_path),
+                                                            (learned_position_limit(models.teacher), "teacher",
+                                                             models.teacher_path)))
     for examples, where in source.checks:
-        check_prompt_lengths(examples, models.tokenizer, cfg.data.max_prompt_tokens, where)
+        check_prompt_lengths(examples, models.tokenizer, cfg.data.max_prompt_tokens, where, student_room)
+        if teacher_room is not None and not privileged_teacher(cfg):  # a privileged teacher: its own prompt, below
+            check_prompt_lengths(examples, models.teacher_tokenizer, cfg.data.max_prompt_tokens, where, teacher_room)
     if privileged_teacher(cfg):
         for examples, where in source.checks:
             check_privileged(examples, where, cfg.data.privileged_field)
             privileged = [replace(ex, prompt=teacher_message(ex, cfg.data.privileged_template)) for ex in examples]
             try:
-                check_prompt_lengths(privileged, models.teacher_tokenizer, cfg.data.max_prompt_tokens, where)
+                check_prompt_lengths(privileged, models.teacher_tokenizer, cfg.data.max_prompt_tokens, where,
+                                     teacher_room)
             except UserError as exc:
                 raise UserError(f"{exc} (the teacher's privileged prompt: template plus privileged text)") from None
     if cfg.method == "rl" and not has_answers(source.eval_examples + (source.pool or [])):

@@ -26,6 +26,7 @@ from opdlab.config import ModelConfig
 from opdlab.errors import UserError
 from opdlab.fileio import shard_files
 from opdlab.models.gguf import SHIPPED_TASKS, as_gguf_folder
+from opdlab.models.metadata import check_model_config
 from opdlab.models.vlm_zoo import VLM_PAIRS, build_vlm_pair
 from opdlab.models.zoo import build_pair
 
@@ -63,6 +64,7 @@ def resolve_model_dir(path: str | Path, role: str) -> Path:
         if any(p.glob("*.bin")) or any(p.glob("*.pt")):
             raise UserError(f"--{role} {p}: only pickle weights (*.bin); convert them to safetensors first (pickle can run code)")
         raise UserError(f"--{role} {p}: no *.safetensors weights in the folder")
+    check_model_config(p, role)
     return p
 
 
@@ -73,8 +75,10 @@ def load_tokenizer(path: Path, role: str, trust_remote_code: bool = False) -> An
     try:
         # Always explicit: left unset, transformers *asks on stdin* whether to run a checkpoint's code.
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--{role} {path}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged tokenizer.json
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--{role} {path}: cannot load its tokenizer ({first}); re-save the tokenizer files "
+                        "(tokenizer.json needs its 'model', 'normalizer', 'pre_tokenizer' and 'decoder' parts)") from None
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -137,6 +141,13 @@ def _load_causal_lm(path: Path, role: str, device: str, trust_remote_code: bool)
     except SafetensorError as exc:  # truncated or corrupted weights
         raise UserError(f"--{role} {path}: a *.safetensors file is damaged ({str(exc).splitlines()[0]}); "
                         "re-download or re-save the model") from None
+    except (TypeError, KeyError, RuntimeError, ZeroDivisionError, IndexError, AttributeError) as exc:
+        # transformers building the model from a config.json that does not describe these weights
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "mismatched_sizes" in first:
+            first = "tensor shapes in the weights differ from the ones config.json describes"
+        raise UserError(f"--{role} {path}: cannot load as a causal LM ({type(exc).__name__}: {first}); "
+                        f"check {path / 'config.json'} against the weights") from None
     try:
         return model.to(device)
     except (RuntimeError, AssertionError) as exc:

@@ -24,11 +24,13 @@ from opdlab.analysis.pairs import run_method
 from opdlab.analysis.stream import open_pair, run_tensors
 from opdlab.analysis.writers import write_analysis
 from opdlab.config import AnalyzeConfig
+from opdlab.devices import check_device
 from opdlab.fileio import prepare_out_dir, relative_path
 from opdlab.report import figures_analysis as F
 
 
 def analyze(cfg: AnalyzeConfig) -> Path:
+    check_device(cfg.device, "--device")
     pair = open_pair(cfg.base, cfg.tuned, cfg.dtype, skip_mismatched=cfg.skip_mismatched)
     if pair.skipped:
         print(f"opdlab analyze: skipping {len(pair.skipped)} tensor(s): " + "; ".join(pair.skipped), file=sys.stderr)

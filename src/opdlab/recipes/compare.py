@@ -16,11 +16,13 @@ from pathlib import Path
 from opdlab.analysis.overlap import overlap_groups, overlap_rows, overlap_summary
 from opdlab.analysis.writers import write_compare
 from opdlab.config import CompareConfig
+from opdlab.devices import check_device
 from opdlab.fileio import prepare_out_dir, relative_path
 from opdlab.report import figures_analysis as F
 
 
 def compare(cfg: CompareConfig) -> Path:
+    check_device(cfg.device, "--device")
     # --out is checked (and created) after the inputs, so a typo in a path leaves it alone.
     result = overlap_rows(cfg.base, cfg.run_a, cfg.run_b, cfg.dtype, cfg.atol, cfg.device, cfg.skip_mismatched)
     if result.skipped:

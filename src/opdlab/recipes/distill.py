@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opdlab.config import DistillConfig
+from opdlab.devices import check_device
 from opdlab.dist.runtime import init_from_env
 from opdlab.distill.checkpoint import finished_step, list_checkpoints, run_config_file
 from opdlab.distill.train import train
@@ -31,6 +32,7 @@ def _quiet_transformers() -> None:
 def distill(cfg: DistillConfig, *, progress: bool = True) -> Path:
     """Train as `cfg` says into `cfg.out` (continuing the run in `cfg.resume` when set); return the run folder."""
     _quiet_transformers()
+    check_device(cfg.model.device, "model.device")
     ctx = init_from_env(cfg.model.device)  # under torchrun rank 0 prepares the folder, the others wait
     if cfg.resume is None:
         inputs = {"--student": cfg.model.student, "--teacher": cfg.model.teacher, "--prompts": cfg.data.prompts,

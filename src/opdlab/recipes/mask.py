@@ -18,6 +18,7 @@ from pathlib import Path
 from opdlab.analysis.aggregate import classify
 from opdlab.analysis.pairs import canonical_name
 from opdlab.config import MaskConfig
+from opdlab.devices import check_device
 from opdlab.errors import UserError
 from opdlab.fileio import refuse_out_over_inputs, write_json
 from opdlab.subnet import masks as M
@@ -84,6 +85,7 @@ def mask(cfg: MaskConfig) -> Path:
         return out
 
     if mode == "extract":
+        check_device(cfg.device, "--device")
         masks = M.extract_mask(cfg.base, cfg.tuned, atol=cfg.atol, dtype=cfg.dtype, device=cfg.device)
         meta = M.mask_metadata("extract", masks, source=cfg.base, tuned=cfg.tuned, atol=cfg.atol, dtype=cfg.dtype)
     elif mode == "random_like":
