@@ -109,20 +109,48 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, ignoring a torn last line left by a crash."""
+def read_jsonl(path: str | os.PathLike, fix: str = "restore the file or delete that line") -> list[dict[str, Any]]:
+    """Read a JSON-lines file, ignoring a torn last line left by a crash.
+
+    Any other line that is not UTF-8, not JSON or not an object is a UserError naming the file
+    and its line number (counted from 1), followed by `fix`.
+    """
+    path = Path(path)
     rows: list[dict[str, Any]] = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             if i == len(lines) - 1:
                 break  # torn final line from an interrupted append
-            raise
+            what = f"not UTF-8 text (byte {exc.start})" if isinstance(exc, UnicodeDecodeError) else f"not valid JSON ({exc.msg})"
+            raise UserError(f"{path}: line {i + 1}: {what}; {fix}") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {i + 1}: not a JSON object; {fix}")
+        rows.append(row)
     return rows
+
+
+def read_json(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; a UserError naming the file (and the line) when it is not UTF-8,
+    not JSON or not an object, followed by `fix` (what the user can do)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); {fix}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: must hold a JSON object, not a {type(obj).__name__}; {fix}")
+    return obj
 
 
 OUTPUT_MARKER = ".opdlab-output"  # written into every folder opdlab creates for --out

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from opdlab.errors import UserError
-from opdlab.fileio import atomic_path, write_json
+from opdlab.fileio import atomic_path, read_json, write_json
 from opdlab.models.state import unique_tensors
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -212,11 +212,7 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run.json"
     if not path.is_file():
         return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({_first_line(exc)}); delete it to train this run again") from None
-    return info if isinstance(info, dict) else {}
+    return read_json(path, fix="restore it, or delete it to continue the run from its newest checkpoint")
 
 
 def finished_step(run_dir: Path) -> int | None:

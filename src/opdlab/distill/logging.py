@@ -29,8 +29,13 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
         return
     import json
 
-    rows = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= last_step]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    rows = read_jsonl(path, fix="restore the file, or delete that line and resume again")
+    for number, r in enumerate(rows, start=1):
+        if isinstance(r.get("step", 0), bool) or not isinstance(r.get("step", 0), int):
+            raise UserError(f"{path}: row {number}: 'step' must be an integer, got {r.get('step')!r}; "
+                            "restore the file, or delete that row and resume again")
+    kept = [r for r in rows if r.get("step", 0) <= last_step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def require_tensorboard() -> None:

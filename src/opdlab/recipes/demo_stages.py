@@ -1,6 +1,6 @@
 """The stages every demo shares: the manifest of finished stages, analysis, and the report.
 
-    manifest = Manifest(out, "default", resume=False)
+    manifest = open_manifest(out, "default", resume=False, overwrite=False)
     manifest.run("opd", "run", out / "runs" / "opd", lambda: train(...), out)   # skipped when done before
     analyze_runs(manifest, source, {"opd": out / "runs" / "opd"}, out)
     write_report(manifest, out, runs)      # report/report.html, and the findings on the terminal
@@ -11,7 +11,6 @@ are studies (recipes/demo.py).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ from typing import Any, Callable
 from opdlab import __version__
 from opdlab.config import AnalyzeConfig, ReportConfig, load_config
 from opdlab.errors import UserError
-from opdlab.fileio import write_json
+from opdlab.fileio import OUTPUT_MARKER, prepare_out_dir, read_json, write_json
 from opdlab.recipes.analyze import analyze
 from opdlab.recipes.experiment import final_eval
 from opdlab.recipes.report import report
@@ -29,6 +28,40 @@ from opdlab.report.findings import build_findings, format_table
 
 # Stage kinds whose cost scales with training steps (their plan weight is steps); the others with their count.
 TRAINING_KINDS = ("run", "experiment")
+
+
+MANIFEST = "demo.json"
+
+
+def open_manifest(out: Path, preset: str, resume: bool, overwrite: bool,
+                  inputs: dict[str, Any] | None = None) -> "Manifest":
+    """Prepare the study folder `out` and its manifest: a new (or, with `overwrite`, replaced) folder,
+    or with `resume` an existing one that holds `demo.json`; a folder of any other kind is refused
+    before anything is written into it. `inputs`: see `fileio.refuse_out_over_inputs`."""
+    if resume and out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file() or not (out / OUTPUT_MARKER).is_file():
+            raise UserError(f"--resume --out {out}: not a demo folder (no {MANIFEST} written by opdlab demo or "
+                            "study); pass the folder of an interrupted demo, or a new --out without --resume")
+    else:
+        prepare_out_dir(out, overwrite, inputs)
+    manifest = Manifest(out, preset, resume)
+    if not manifest.path.is_file():
+        write_json(manifest.path, manifest.data)  # from the start, so a demo killed in its first stage can resume
+    return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A demo.json to resume from; a UserError naming it when it is damaged."""
+    fix = "restore it, or start again with --overwrite"
+    data = read_json(path, fix=fix)
+    stages = data.get("stages", [])
+    if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                               and isinstance(s.get("status"), str) for s in stages):
+        raise UserError(f"{path}: field 'stages' must be a list of {{name, status, ...}} objects; {fix}")
+    total = data.get("total_s", 0.0)
+    if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float))):
+        raise UserError(f"{path}: field 'total_s' must be a number of seconds; {fix}")
+    return data
 
 
 class Manifest:
@@ -41,9 +74,9 @@ class Manifest:
     """
 
     def __init__(self, out: Path, preset: str, resume: bool) -> None:
-        self.path = out / "demo.json"
+        self.path = out / MANIFEST
         self.started = time.time()
-        old = json.loads(self.path.read_text(encoding="utf-8")) if resume and self.path.is_file() else {}
+        old = read_manifest(self.path) if resume and self.path.is_file() else {}
         self.data: dict[str, Any] = {"schema": 1, "preset": preset, "opdlab_version": __version__,
                                      "stages": old.get("stages", []), "total_s": old.get("total_s", 0.0)}
         self._base_total = float(self.data["total_s"] or 0.0)

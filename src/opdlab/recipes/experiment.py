@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,9 +29,9 @@ from typing import Any, Callable
 import torch
 
 from opdlab.config import DistillConfig, ExperimentConfig, load_config, to_dict
-from opdlab.distill.checkpoint import finished_step, list_checkpoints
+from opdlab.distill.checkpoint import finished_step, list_checkpoints, read_run_info
 from opdlab.errors import UserError
-from opdlab.fileio import prepare_out_dir, read_jsonl, relative_path, write_json
+from opdlab.fileio import OUTPUT_MARKER, prepare_out_dir, read_json, read_jsonl, relative_path, write_json
 from opdlab.recipes.distill import distill
 from opdlab.subnet.evidence import second_moment_spread, weight_closeness
 from opdlab.subnet.masks import (
@@ -52,7 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 def experiment(cfg: ExperimentConfig) -> Path:
     """Run the experiment `cfg.kind` into `cfg.out`; return the JSON file it wrote."""
     out = Path(cfg.out)
-    if not (cfg.resume and out.is_dir()):
+    if cfg.resume and out.is_dir() and any(out.iterdir()):
+        if not (out / OUTPUT_MARKER).is_file():  # resume writes runs/ and masks/ only into opdlab's own folder
+            raise UserError(f"--resume --out {out}: not a folder opdlab wrote (no {OUTPUT_MARKER}); pass the folder "
+                            "of an interrupted experiment, or a new --out without --resume")
+    else:
         prepare_out_dir(out, cfg.overwrite, {"train.model.student": cfg.train.model.student,
                                              "train.model.teacher": cfg.train.model.teacher})
     if cfg.kind == "subnetwork":
@@ -129,11 +132,12 @@ EVAL_KEYS = ("accuracy", "reverse_kl", "reverse_kl_se", "answer_logp", "answer_l
 
 def source_of(run_dir: Path) -> Path:
     """The student source a run started from (recorded in run.json)."""
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    info = read_run_info(run_dir)
     for key in ("student", "student_path", "source"):
-        if info.get(key):
+        if isinstance(info.get(key), str) and info[key]:
             return Path(info[key])
-    raise UserError(f"{run_dir}/run.json: does not record the student source path")
+    raise UserError(f"{run_dir / 'run.json'}: does not record the student source path (a 'student' string); "
+                    "restore it, or train this arm again")
 
 
 def _trainable_fraction(mask_file: Path | None) -> float:
@@ -218,7 +222,7 @@ def _adam_state(run_dir: Path) -> tuple[dict, list[str]] | None:
         return None
     trainer = found[-1][1] / "trainer_state"
     state = torch.load(trainer / "optimizer.pt", weights_only=True)
-    meta = json.loads((trainer / "state.json").read_text(encoding="utf-8"))
+    meta = read_json(trainer / "state.json", fix=f"delete {found[-1][1]} to use an older checkpoint")
     return state, list(meta.get("param_names", []))
 
 

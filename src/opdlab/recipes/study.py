@@ -35,9 +35,9 @@ from typing import Any
 
 from opdlab.config import CompareConfig, DistillConfig, ExperimentConfig, StudyConfig, load_config
 from opdlab.errors import UserError
-from opdlab.fileio import prepare_out_dir, relative_path, write_json
+from opdlab.fileio import relative_path, write_json
 from opdlab.recipes.compare import compare
-from opdlab.recipes.demo_stages import Manifest, analyze_pair, analyze_runs, write_report
+from opdlab.recipes.demo_stages import analyze_pair, analyze_runs, open_manifest, write_report
 from opdlab.recipes.experiment import (
     final_eval, run_optimizers, run_subnetwork, save_adam_evidence, source_of, train_arm,
 )
@@ -157,9 +157,8 @@ def run_study(cfg: StudyConfig, label: str, estimate: str = "", announce: str = 
     base = main_config(cfg)
     main = base.method
     out = Path(cfg.out)
-    if not (cfg.resume and out.is_dir()):
-        prepare_out_dir(out, cfg.overwrite)
-    manifest = Manifest(out, label, cfg.resume)
+    manifest = open_manifest(out, label, cfg.resume, cfg.overwrite,
+                             {"--student": cfg.student, "--teacher": cfg.teacher, "--prompts": cfg.prompts})
     names = stage_names(cfg, main)
     manifest.plan(plan(cfg, base, main, names), PRIOR_S)
     print(announce or f"opdlab study ({label}, method {main}) -> {out}", flush=True)

@@ -16,7 +16,6 @@ Nothing here computes metrics; it only reads files.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from opdlab.errors import UserError
+from opdlab.fileio import read_json as fileio_read_json
 from opdlab.fileio import read_jsonl, resolve_path
 from opdlab.report.findings import FindingInputs
 
@@ -119,14 +119,7 @@ class Found:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, with a one-line UserError for bad files or newer schemas."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}); re-run the step that wrote it") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object at the top level")
+    obj = fileio_read_json(path, fix="re-run the step that wrote it")
     schema = obj.get("schema", SCHEMA)
     if isinstance(schema, int) and schema > SCHEMA:
         raise UserError(f"{path}: schema {schema} is newer than this opdlab reads ({SCHEMA}); upgrade opdlab")
@@ -187,11 +180,7 @@ def read_run(path: Path, name: str) -> Run:
         except yaml.YAMLError:
             raise UserError(f"{cfg_file}: not valid YAML; re-run `opdlab distill` or fix the file") from None
         config = loaded if isinstance(loaded, dict) else {}
-    try:
-        metrics = read_jsonl(path / "metrics.jsonl")
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path / 'metrics.jsonl'}: line {exc.lineno} is not valid JSON") from None
-    metrics = [m for m in metrics if isinstance(m, dict)]
+    metrics = read_jsonl(path / "metrics.jsonl", fix="restore the file, or delete that line to report the rest")
     return Run(name=name, path=path, config=config, metrics=metrics)
 
 
