@@ -8,7 +8,9 @@
 The benchmarks run in sequence, never together: two torch jobs on the same cores ruin each other's
 timings. Each command is the one documented in docs/benchmarks.md next to its table. The TRL side
 of the training benchmark needs the `bench` extra (`pip install -e '.[bench]'`); without it the
-training benchmark runs opdlab alone and says so.
+training benchmark runs opdlab alone and says so. The analysis benchmark's baseline is the study's
+own script, which is not part of this repository: set OPDLAB_REFERENCE to the path of your clone's
+`scripts/analyze_opd_delta.py` (it needs pandas); without it the benchmark times opdlab alone.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ BENCH = ROOT / "bench"
 def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[str]]]:
     """Benchmark name -> the command lines that produce its results (paths under `results`)."""
     py = [sys.executable]
+    # The study's analysis script, if the user has a clone (OPDLAB_REFERENCE=…/scripts/analyze_opd_delta.py).
+    reference = ["--reference", os.environ["OPDLAB_REFERENCE"]] if os.environ.get("OPDLAB_REFERENCE") else []
     tools = ["--tools", "opdlab,trl" if with_trl else "opdlab"]
     if quick:
         return {
@@ -51,7 +55,7 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
             py + [str(BENCH / "bench_optimizer.py"), "--threads", "1", "--trials", "9", "--weight-decay", "0",
                   "--out", str(results / "optimizer_wd0.json")],
         ],
-        "analysis": [py + [str(BENCH / "bench_analysis.py"), "--naive-layers", "2", "--out", str(results / "analysis.json")]],
+        "analysis": [py + [str(BENCH / "bench_analysis.py"), *reference, "--out", str(results / "analysis.json")]],
         "masked": [py + [str(BENCH / "bench_masked_training.py"), "--out", str(results / "masked_training.json")]],
     }
 

@@ -168,10 +168,53 @@ def test_benchmark_small_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    result = bench.main(["--size", "small", "--skip-naive", "--out", str(out), "--workdir", str(tmp_path)])
+    result = bench.main(["--size", "small", "--out", str(out), "--workdir", str(tmp_path)])
     assert json.loads(out.read_text())["size"] == "small"
     assert result["opdlab"]["wall_s"] > 0 and result["opdlab"]["peak_rss_mb"] > 0
     assert result["opdlab_summary"]["sparsity"] == pytest.approx(0.9, abs=0.01)  # 10 % planted
+
+
+FAKE_REFERENCE = """
+import argparse, csv, math
+from pathlib import Path
+from safetensors.torch import load_file
+ap = argparse.ArgumentParser()
+for flag in ("--src_model", "--opd_model", "--out_dir", "--device"):
+    ap.add_argument(flag)
+a = ap.parse_args()
+src = load_file(str(Path(a.src_model) / "model.safetensors"))
+opd = load_file(str(Path(a.opd_model) / "model.safetensors"))
+Path(a.out_dir).mkdir(parents=True)
+with open(Path(a.out_dir) / "tensor_metrics.csv", "w", newline="") as fh:
+    w = csv.writer(fh)
+    w.writerow(["name", "frac_delta_eq_0", "relative_delta_fro"])
+    for name, s in src.items():
+        d = opd[name].double() - s.double()
+        w.writerow([name, repr(float((d == 0).double().mean())), repr(float(d.norm() / s.double().norm()))])
+"""
+
+
+def test_benchmark_reference_plumbing(tmp_path):
+    """--reference runs a script with the study's CLI in its own process and maps its CSV columns
+    onto tensors.csv. The stand-in computes two of the study's columns independently (fp64)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_analysis.py"
+    spec = importlib.util.spec_from_file_location("bench_analysis", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fake = tmp_path / "analyze_opd_delta.py"
+    fake.write_text(FAKE_REFERENCE)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--size", "small", "--reference", str(fake), "--out", str(out), "--workdir", str(tmp_path)])
+    assert result["reference"]["wall_s"] > 0 and result["reference"]["peak_rss_mb"] > 0 and result["speedup"] > 0
+    rows = {r["opdlab"]: r for r in result["agreement"]["table"]}
+    n = result["shapes"]["num_tensors"]
+    for key in ("sparsity", "relative_update_norm"):
+        assert rows[key]["tensors"] == n and rows[key]["max_rel_diff"] < 1e-6, key
+    assert rows["rotation_rho_0.1"]["tensors"] == 0  # the stand-in writes no base_geometry_metrics.csv
+    assert result["agreement"]["summary"]["metrics_compared"] == 2 and result["met"]["agreement"] is True
+    assert json.loads(out.read_text())["reference"]["script_sha256"]
 
 
 def test_precision_control_with_fp32_run_folder(tmp_path):
