@@ -92,6 +92,14 @@ class DistContext:
             stop.signum = signum
         return signum > 0
 
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank; [obj] at world size 1."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def run_on_main(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 only and hand its result (or its UserError) to every rank.
 
@@ -127,12 +135,13 @@ def env_world_size() -> int:
         raise UserError(f"environment variable WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
-def init_from_env(device: str = "cpu") -> DistContext:
+def init_from_env(device: str = "cpu", field: str = "model.device") -> DistContext:
     """The process's context; the first call under torchrun (WORLD_SIZE > 1) joins the process group.
 
-    `device` is the config's `model.device`: "cpu" -> gloo and a CPU mesh; "cuda" -> nccl, one
-    GPU per process (`cuda:LOCAL_RANK` becomes the current device, so "cuda" means it).
-    A per-process index such as "cuda:1" is refused under torchrun: the launcher assigns GPUs.
+    `device` is the config's `field` (`model.device` for training, `device` for analysis):
+    "cpu" -> gloo and a CPU mesh; "cuda" -> nccl, one GPU per process (`cuda:LOCAL_RANK` becomes
+    the current device, so "cuda" means it). A per-process index such as "cuda:1" is refused
+    under torchrun: the launcher assigns GPUs.
     """
     global _CONTEXT
     if _CONTEXT is not None:
@@ -143,9 +152,9 @@ def init_from_env(device: str = "cpu") -> DistContext:
         _CONTEXT = DistContext(device_type=device_type)
         return _CONTEXT
     if device_type not in ("cpu", "cuda"):
-        raise UserError(f"model.device '{device}': multi-process training runs on cpu (gloo) or cuda (nccl)")
+        raise UserError(f"{field} '{device}': multi-process runs use cpu (gloo) or cuda (nccl)")
     if device_type == "cuda" and torch.device(device).index is not None:
-        raise UserError(f"model.device '{device}': under torchrun pass plain 'cuda'; each process takes cuda:LOCAL_RANK")
+        raise UserError(f"{field} '{device}': under torchrun pass plain 'cuda'; each process takes cuda:LOCAL_RANK")
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -2,9 +2,14 @@
 
     opdlab analyze Qwen2.5-0.5B/ runs/opd --out runs/opd/analysis --dtype bf16
 
+    torchrun --nproc-per-node 8 -m opdlab analyze BASE TUNED --out DIR --device cuda
+
 Reads: two checkpoints (HF folders, .safetensors files or opdlab run folders), streamed one
 tensor pair at a time. Writes to --out: analysis.json (summary + layer/module/block tables),
 tensors.csv, groups_{layer,module,block}.csv, spectra.safetensors and PNG figures.
+Under torchrun the tensors are shared out across the processes (dist/work.py; each process on
+cuda:LOCAL_RANK with --device cuda, else on CPU with gloo), every process analyses its share,
+and rank 0 gathers the per-tensor results and writes the same files one process writes.
 Definitions: DESIGN.md "Analysis: definitions"; every output key: docs/analysis.md.
 
 Where this deviates from the study's script, and why:
@@ -16,27 +21,36 @@ Where this deviates from the study's script, and why:
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from opdlab.analysis.aggregate import GROUP_KINDS, group_table, summary, tensor_rows
 from opdlab.analysis.pairs import run_method
-from opdlab.analysis.stream import open_pair, run_tensors
+from opdlab.analysis.per_tensor import TensorResult
+from opdlab.analysis.stream import default_workers, open_pair, run_tensors, tensor_cost
 from opdlab.analysis.writers import write_analysis
 from opdlab.config import AnalyzeConfig
 from opdlab.devices import check_device
+from opdlab.dist.runtime import DistContext, init_from_env
+from opdlab.dist.work import balanced_shares
+from opdlab.errors import UserError
 from opdlab.fileio import prepare_out_dir, relative_path
 from opdlab.report import figures_analysis as F
 
 
-def analyze(cfg: AnalyzeConfig) -> Path:
+def analyze(cfg: AnalyzeConfig) -> Path | None:
+    """Analyse the pair; the output folder (None on ranks other than 0 under torchrun)."""
     check_device(cfg.device, "--device")
+    ctx = init_from_env(cfg.device, field="device")
     pair = open_pair(cfg.base, cfg.tuned, cfg.dtype, skip_mismatched=cfg.skip_mismatched)
-    if pair.skipped:
+    if pair.skipped and ctx.is_main:
         print(f"opdlab analyze: skipping {len(pair.skipped)} tensor(s): " + "; ".join(pair.skipped), file=sys.stderr)
-    out = prepare_out_dir(cfg.out, cfg.overwrite, inputs={"BASE": cfg.base, "TUNED": cfg.tuned})
+    out = ctx.run_on_main(lambda: prepare_out_dir(cfg.out, cfg.overwrite, inputs={"BASE": cfg.base, "TUNED": cfg.tuned}))
 
-    results = run_tensors(pair.specs, cfg.exact_svd_max, cfg.device, cfg.workers)
+    results = _analyze_share(ctx, pair.specs, cfg)
+    if not ctx.is_main:
+        return None
 
     rows = tensor_rows(results)
     groups = {kind: group_table(results, kind) for kind in GROUP_KINDS}
@@ -57,6 +71,31 @@ def analyze(cfg: AnalyzeConfig) -> Path:
     F.principal_energy_by_rho(totals, out / "principal_energy_rho.png")
     F.magnitude_enrichment_by_rho(totals, out / "magnitude_enrichment_rho.png")
     return out
+
+
+def _analyze_share(ctx: DistContext, specs: list, cfg: AnalyzeConfig) -> list[TensorResult]:
+    """This process's share of the tensors, analysed, then everyone's results in the specs' order.
+
+    A one-line error on any rank (a corrupted tensor) becomes the same error on every rank,
+    instead of leaving the others waiting in the gather.
+    """
+    shares = balanced_shares([tensor_cost(s.shape, cfg.exact_svd_max) for s in specs], ctx.world_size)
+    mine = [specs[i] for i in shares[ctx.rank]]
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)) if ctx.distributed else 1
+    workers = cfg.workers or default_workers(cfg.device, processes)
+    try:
+        status: tuple[str, object] = ("ok", run_tensors(mine, cfg.exact_svd_max, cfg.device, workers,
+                                                        progress=ctx.is_main))
+    except UserError as exc:
+        if not ctx.distributed:
+            raise
+        status = ("error", str(exc))
+    gathered = ctx.all_gather_objects(status)
+    errors = [payload for kind, payload in gathered if kind == "error"]
+    if errors:
+        raise UserError(str(errors[0]))
+    by_name = {r.name: r for _, payload in gathered for r in payload}  # type: ignore[union-attr]
+    return [by_name[s.name] for s in specs]
 
 
 def _representative(rows: list[dict], spectra: dict) -> list[str]:
