@@ -311,3 +311,31 @@ def shard_files(folder: str | os.PathLike) -> list[Path] | None:
             raise UserError(f"{index}: shard {name} is listed but missing; {fix}")
         files.append(shard)
     return files
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` as one safetensors file, atomically; a full disk or a forbidden folder is a
+    UserError naming `path`, and nothing half-written is left (neither `path` nor a temporary)."""
+    # safetensors.torch imports torch: loaded here, where tensors are written, not with every command.
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "I/O error" not in text:
+            raise
+        raise UserError(f"{path}: could not write it ({text.split('I/O error: ')[-1]}; {free_space(path.parent)}); "
+                        "free disk space or fix the folder's permissions, then run again") from None
+    return path
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """'12.3 MiB free there' for the filesystem of `folder` (for disk-full messages)."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"

@@ -166,3 +166,77 @@ def test_really_full_disk_during_a_checkpoint(pair, tiny_disk, monkeypatch, caps
     monkeypatch.undo()
     ballast.unlink()
     resume_finishes(run)
+
+
+# ----------------------------------------------------------------------------- safetensors outputs of analyze and mask
+
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def _safetensors_disk_full(monkeypatch, name: str) -> None:
+    """safetensors' save_file fails like a full disk (after writing part of the file) for files called `name`."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, *a, **k):
+        if Path(filename).name == name:
+            Path(filename).write_bytes(b"\0" * 100)  # half-written, as a real full disk leaves it
+            raise SafetensorError(SAFETENSORS_FULL)
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    for module in ("opdlab.analysis.writers", "opdlab.subnet.masks"):  # modules that imported it by name
+        mod = __import__(module, fromlist=["x"])
+        if hasattr(mod, "save_file"):
+            monkeypatch.setattr(mod, "save_file", save_file)
+
+
+def _visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != ".opdlab-output")
+
+
+def test_full_disk_while_analyze_writes_spectra(pair, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "analysis"
+    _safetensors_disk_full(monkeypatch, "spectra.safetensors")
+    line = cli_error(["analyze", str(pair[0]), str(pair[0]), "--out", str(out)], capsys)
+    assert f"{out / 'spectra.safetensors'}: " in line and "No space left on device" in line, line
+    assert "spectra.safetensors" not in _visible(out) and not [n for n in _visible(out) if ".tmp-" in n]
+    assert "analysis.json" not in _visible(out)  # written last: the folder does not look finished
+    monkeypatch.undo()
+    line = cli_error(["report", str(out), "--out", str(tmp_path / "rep")], capsys)
+    assert "found nothing to report" in line or "incomplete" in line, line
+
+
+def test_full_disk_while_mask_writes(pair, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m.safetensors"
+    _safetensors_disk_full(monkeypatch, "m.safetensors")
+    line = cli_error(["mask", str(pair[0]), str(pair[0]), "--out", str(out)], capsys)
+    assert f"{out}: " in line and "No space left on device" in line, line
+    assert _visible(tmp_path) == [], _visible(tmp_path)  # neither the file nor a temporary
+
+
+def test_interrupted_analyze_is_not_reported_as_complete(pair, tmp_path, monkeypatch, capsys):
+    """A kill after the tables but before the last file: report must not take the folder as a finished analysis."""
+    from opdlab.report import figures_analysis
+
+    out = tmp_path / "analysis"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands in for SIGKILL at this moment: nothing after it runs
+
+    monkeypatch.setattr(figures_analysis, "magnitude_enrichment_by_rho", killed)
+    assert main(["analyze", str(pair[0]), str(pair[0]), "--out", str(out)]) == 130
+    monkeypatch.undo()
+    line = cli_error(["report", str(out), "--out", str(tmp_path / "rep")], capsys)
+    assert "found nothing to report" in line or "incomplete" in line, line
+
+
+def test_really_full_disk_while_mask_writes(pair, tiny_disk, capsys):
+    out = tiny_disk / "m.safetensors"
+    ballast = tiny_disk / "ballast"
+    ballast.write_bytes(b"\0" * max(0, shutil.disk_usage(tiny_disk).free - 8 * 1024))
+    line = cli_error(["mask", str(pair[0]), str(pair[0]), "--out", str(out)], capsys)
+    assert str(out) in line and "No space left on device" in line, line
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["ballast"]

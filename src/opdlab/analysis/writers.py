@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from opdlab.fileio import atomic_path, write_json, write_text
+from opdlab.fileio import save_safetensors, write_json, write_text
 
 SCHEMA = 1
 
@@ -51,25 +50,29 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def write_spectra(path: Path, spectra: dict[str, torch.Tensor]) -> Path:
     """Singular values of each 2-D Δ (fp32 vectors) as one safetensors file."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.to(torch.float32).contiguous() for k, v in spectra.items()} or {"_empty": torch.zeros(0)},
-                  str(tmp), metadata={"what": "singular values of delta, descending"})
-    return path
+    return save_safetensors(path, {k: v.to(torch.float32).contiguous() for k, v in spectra.items()}
+                            or {"_empty": torch.zeros(0)}, metadata={"what": "singular values of delta, descending"})
 
 
 def write_analysis(out: Path, header: dict[str, Any], summary: dict[str, Any], groups: dict[str, list],
                    tensor_rows: list[dict[str, Any]], spectra: dict[str, torch.Tensor]) -> dict[str, Path]:
-    """analysis.json, tensors.csv, groups_<kind>.csv, spectra.safetensors in `out`."""
+    """tensors.csv, groups_<kind>.csv, spectra.safetensors and, last, analysis.json in `out`.
+
+    analysis.json is what marks a finished analysis (the report looks for it), so it is written
+    only once everything else is in place: an interrupted analysis leaves a folder without it.
+    """
     doc = {"schema": SCHEMA, **header, "summary": summary, "groups": groups}
-    paths = {"analysis": write_json(out / "analysis.json", doc), "tensors": write_csv(out / "tensors.csv", tensor_rows)}
+    paths = {"tensors": write_csv(out / "tensors.csv", tensor_rows)}
     for kind, rows in groups.items():
         paths[f"groups_{kind}"] = write_csv(out / f"groups_{kind}.csv", rows)
     paths["spectra"] = write_spectra(out / "spectra.safetensors", spectra)
+    paths["analysis"] = write_json(out / "analysis.json", doc)
     return paths
 
 
 def write_compare(out: Path, header: dict[str, Any], summary: dict[str, Any], groups: dict[str, list],
                   tensor_rows: list[dict[str, Any]]) -> dict[str, Path]:
-    """compare.json and compare.csv in `out`."""
+    """compare.csv and, last (it marks a finished compare), compare.json in `out`."""
     doc = {"schema": SCHEMA, **header, "summary": summary, "groups": groups}
-    return {"compare": write_json(out / "compare.json", doc), "csv": write_csv(out / "compare.csv", tensor_rows)}
+    paths = {"csv": write_csv(out / "compare.csv", tensor_rows)}
+    return {"compare": write_json(out / "compare.json", doc), **paths}

@@ -62,14 +62,13 @@ def analyze(cfg: AnalyzeConfig) -> Path | None:
         header["base_format"] = pair.base_format
     spectra = {r.name: r.spectrum for r in results if r.spectrum is not None}
     totals = summary(results)
-    write_analysis(out, header, totals, groups, rows, spectra)
-
     F.layer_sparsity(groups["layer"], out / "layer_sparsity.png")
     F.movement_heatmap(rows, out / "movement_layer_module.png")
     F.energy_share_by_module(groups["module"], out / "energy_share_module.png")
     F.delta_spectra({n: spectra[n].tolist() for n in _representative(rows, spectra)}, out / "delta_spectra.png")
     F.principal_energy_by_rho(totals, out / "principal_energy_rho.png")
     F.magnitude_enrichment_by_rho(totals, out / "magnitude_enrichment_rho.png")
+    write_analysis(out, header, totals, groups, rows, spectra)  # analysis.json last: it marks a finished analysis
     return out
 
 

@@ -31,6 +31,6 @@ def compare(cfg: CompareConfig) -> Path:
     groups = overlap_groups(result.rows)
     header = {"base": relative_path(cfg.base, out), "run_a": relative_path(cfg.run_a, out),
               "run_b": relative_path(cfg.run_b, out), "dtype": cfg.dtype, "atol": cfg.atol, "skipped": result.skipped}
-    write_compare(out, header, overlap_summary(result.rows), groups, result.rows)
     F.compare_jaccard_by_module(groups["module"], out / "compare_jaccard_module.png")
+    write_compare(out, header, overlap_summary(result.rows), groups, result.rows)  # compare.json last: finished
     return out

@@ -234,7 +234,7 @@ def adam_evidence(run_dir: Path, out: Path) -> dict[str, Any] | None:
         cached = run_dir / EVIDENCE_FILE  # written before the run's resumable state was deleted (save_adam_evidence)
         if not cached.is_file():
             return None
-        return {**json.loads(cached.read_text(encoding="utf-8")), "run_dir": relative_path(run_dir, out)}
+        return {**read_json(cached, fix=f"delete it and train {run_dir} again"), "run_dir": relative_path(run_dir, out)}
     spread = second_moment_spread(*loaded)
     lr = load_config(DistillConfig, run_dir / "config.yaml").optim.lr
     return {"run_dir": relative_path(run_dir, out), "lr": lr, "median_cv": spread["median"], "mean_cv": spread["mean"],

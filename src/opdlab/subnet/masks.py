@@ -21,14 +21,13 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from opdlab.analysis.aggregate import classify
 from opdlab.analysis.metrics_overlap import add_counts, overlap_counts, overlap_stats
 from opdlab.analysis.metrics_sparsity import changed_mask
 from opdlab.analysis.pairs import Checkpoint, analyzable, canonical_name, iter_pairs, match_tensors
 from opdlab.errors import UserError
-from opdlab.fileio import atomic_path
+from opdlab.fileio import save_safetensors
 
 MaskDict = dict[str, torch.Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -64,8 +63,7 @@ def save_mask(path: str | Path, masks: MaskDict, metadata: dict[str, str]) -> No
         if m.dtype != torch.bool:
             raise ValueError(f"save_mask: tensor '{name}' is {m.dtype}, expected torch.bool")
     tensors = {name: m.detach().to("cpu").contiguous() for name, m in masks.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    save_safetensors(path, tensors, metadata={k: str(v) for k, v in metadata.items()})
 
 
 def density(masks: MaskDict) -> float:
