@@ -169,6 +169,13 @@ class RunConfig:
     """also write TensorBoard event files (needs the tensorboard extra)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    track_update_every: int = 0
+    """every N steps, log how the student differs from its source (bf16-visible changed fraction, relative
+    norm and Jaccard with the previous measurement, whole model and per block) as update/... metrics;
+    0 = off. Reads the source from disk one tensor at a time; one process only (not under FSDP2)."""
+    save_update_masks: bool = False
+    """with track_update_every: also save each measurement's changed mask, bit-packed, as masks/step-N.safetensors
+    (usable as --mask)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """what a NaN/inf loss or gradient does: stop (one-line error naming the step; the last good checkpoint is
     kept) or skip (drop that batch: no optimizer step, logged as train/skipped_nonfinite)."""
@@ -213,6 +220,9 @@ class DistillConfig:
         check(self.run.steps >= 1, "run.steps", "must be >= 1")
         check(self.run.eval_every >= 0 and self.run.save_every >= 0, "run.eval_every/save_every", "must be >= 0")
         check(self.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+        check(self.run.track_update_every >= 0, "run.track_update_every", "must be >= 0")
+        check(not self.run.save_update_masks or self.run.track_update_every > 0, "run.save_update_masks",
+              "needs run.track_update_every > 0 (masks are saved at the tracked steps)")
         check(self.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
         check(self.rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
         check(self.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")

@@ -65,6 +65,7 @@ from opdlab.models.loading import Models, load_models, load_teacher
 from opdlab.models.metadata import learned_position_limit
 from opdlab.subnet.masks import fit_mask_to_model, load_mask, zero_grads_outside
 from opdlab.subnet.optimizers import build_optimizer, clip_gradients
+from opdlab.subnet.update_tracker import UpdateTracker
 
 RollOut = Callable[[list[Any], list[int]], Batch]  # (this process's step examples, one seed per row) -> batch
 
@@ -89,6 +90,7 @@ class Run:
     evaluate: Callable[[], dict[str, float]]
     first_step: int  # the last finished step: 0, or the checkpoint's step on resume
     info: dict[str, Any]  # run.json
+    tracker: UpdateTracker | None = None  # run.track_update_every: the update against the source, measured
 
 
 def train(cfg: DistillConfig, run_dir: Path, resume_from: Path | None = None, progress: bool = True) -> Path:
@@ -161,6 +163,7 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
             truncate_metrics(run_dir, first_step)
     if compact:
         masks = None  # the optimizer holds them as indices; the bool tensors (1 byte a coordinate) are freed
+    tracker = update_tracker(cfg, models.student_path, named, run_dir, first_step)
     info = {"status": "running", "method": cfg.method, "step": first_step, "steps": cfg.run.steps,
             "student": str(models.student_path), "teacher": str(models.teacher_path), "task": source.task}
     if ctx.is_main:  # files and progress: rank 0 only
@@ -169,7 +172,8 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
     return Run(cfg=cfg, run_dir=run_dir, ctx=ctx, models=step_models, tokenizer=models.tokenizer, source=source,
                named=named, masks=masks, optimizer=optimizer, scheduler=scheduler,
                roll_out=rollout_function(cfg, models, step_models, engine), advantages=advantage_function(cfg),
-               loss=loss_function(cfg.method, cfg.loss), evaluate=run_eval, first_step=first_step, info=info)
+               loss=loss_function(cfg.method, cfg.loss), evaluate=run_eval, first_step=first_step, info=info,
+               tracker=tracker)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -216,6 +220,10 @@ def run_steps(run: Run, log: MetricsLog | NullLog, stop: StopRequest) -> None:
         }
         if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
             row.update(run.evaluate())
+        if run.tracker is not None and step % cfg.run.track_update_every == 0:
+            t4 = time.perf_counter()
+            row.update(run.tracker.measure(step))
+            row["time/update_tracking_s"] = time.perf_counter() - t4
         log.write({k: v for k, v in row.items() if v is not None})
 
         # ---- checkpoint
@@ -237,6 +245,19 @@ def update(run: Run, step: int, loss_sum: float) -> tuple[float, bool]:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped
+
+
+def update_tracker(cfg: DistillConfig, source: Path, named: list[tuple[str, torch.nn.Parameter]], run_dir: Path,
+                   first_step: int) -> UpdateTracker | None:
+    """run.track_update_every's tracker; on resume it starts from the last saved mask snapshot, if any."""
+    every = cfg.run.track_update_every
+    if every <= 0:
+        return None
+    tracker = UpdateTracker(source, named, run_dir / "masks" if cfg.run.save_update_masks else None)
+    last = run_dir / "masks" / f"step-{first_step // every * every}.safetensors"
+    if first_step >= every and cfg.run.save_update_masks and last.is_file():
+        tracker.resume_from(last)
+    return tracker
 
 
 def save_step(run: Run, step: int) -> None:

@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from opdlab.analysis.pairs import Checkpoint
 from opdlab.errors import UserError
 from opdlab.fileio import OUTPUT_MARKER, atomic_path
+from opdlab.subnet.masks import pack_bits, unpack_bits
 
 FORMAT = "opdlab-delta"
 VERSION = 1
@@ -64,23 +65,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of t's bytes in row-major order (its storage dtype, no cast)."""
     return hashlib.sha256(bits(t).view(torch.uint8).numpy().data).hexdigest()
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool (n,) -> uint8 (ceil(n/8),); bit j of byte i is mask[8*i + j]."""
-    n = mask.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
-    padded[:n] = mask.reshape(-1).to(torch.uint8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of `pack_bits`: uint8 (ceil(n/8),) -> bool (n,)."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
-        raise ValueError(f"bitmap of {n} coordinates must be uint8 ({(n + 7) // 8},); got {packed.dtype} {tuple(packed.shape)}")
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].bool()
 
 
 def encoding_bytes(numel: int, changed: int, value_bytes: int) -> dict[str, int]:

@@ -14,6 +14,8 @@ A mask is a `.safetensors` file of bool tensors keyed by canonical parameter nam
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import warnings
 import zlib
 from pathlib import Path
@@ -35,6 +37,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # ----------------------------------------------------------------------------- files
 
 
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool (n,) -> uint8 (ceil(n/8),); bit j of byte i is mask[8*i + j]."""
+    n = mask.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
+    padded[:n] = mask.reshape(-1).to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: uint8 (ceil(n/8),) -> bool (n,)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"bitmap of {n} coordinates must be uint8 ({(n + 7) // 8},); got {packed.dtype} {tuple(packed.shape)}")
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+
 def load_mask(path: str | Path) -> tuple[MaskDict, dict[str, str]]:
     """Read a mask file -> (bool tensors by name, header metadata). Bad files raise UserError."""
     path = Path(path)
@@ -43,9 +63,17 @@ def load_mask(path: str | Path) -> tuple[MaskDict, dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = dict(fh.metadata() or {})
+            shapes = _packed_shapes(path, metadata)
             masks: MaskDict = {}
             for key in fh.keys():
                 dtype = fh.get_slice(key).get_dtype()
+                if shapes is not None:
+                    if dtype != "U8" or key not in shapes:
+                        raise UserError(f"{path}: tensor '{key}' is not a bit-packed mask entry (uint8 with a shape "
+                                        "in the header's 'shapes')")
+                    shape = shapes[key]
+                    masks[key] = unpack_bits(fh.get_tensor(key), math.prod(shape)).view(shape)
+                    continue
                 if dtype != "BOOL":
                     raise UserError(f"{path}: tensor '{key}' has dtype {dtype}; a mask holds only bool tensors")
                 masks[key] = fh.get_tensor(key)
@@ -57,13 +85,48 @@ def load_mask(path: str | Path) -> tuple[MaskDict, dict[str, str]]:
     return masks, metadata
 
 
-def save_mask(path: str | Path, masks: MaskDict, metadata: dict[str, str]) -> None:
-    """Write bool `masks` and string `metadata` to a safetensors file atomically."""
+def save_mask(path: str | Path, masks: MaskDict, metadata: dict[str, str], packed: bool = False) -> None:
+    """Write bool `masks` and string `metadata` to a safetensors file atomically.
+
+    `packed`: one bit per coordinate (uint8 tensors, `pack_bits` order), with `packing` = "bits" and
+    the tensors' `shapes` (JSON) in the header: 8x smaller; `load_mask` unpacks it.
+    """
     for name, m in masks.items():
         if m.dtype != torch.bool:
             raise ValueError(f"save_mask: tensor '{name}' is {m.dtype}, expected torch.bool")
+    if packed:
+        save_packed_mask(path, {name: pack_bits(m.detach().to("cpu")) for name, m in masks.items()},
+                         {name: list(m.shape) for name, m in masks.items()}, metadata)
+        return
     tensors = {name: m.detach().to("cpu").contiguous() for name, m in masks.items()}
     save_safetensors(path, tensors, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def save_packed_mask(path: str | Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]],
+                     metadata: dict[str, str]) -> None:
+    """Write masks already bit-packed (`pack_bits`) with their `shapes`, atomically (see `save_mask`)."""
+    meta = {k: str(v) for k, v in metadata.items()}
+    meta.update({"packing": "bits", "shapes": json.dumps({name: list(shapes[name]) for name in packed})})
+    with atomic_path(path) as tmp:
+        save_file(packed, str(tmp), metadata=meta)
+
+
+def _packed_shapes(path: Path, metadata: dict[str, str]) -> dict[str, list[int]] | None:
+    """The tensor shapes of a bit-packed mask file, None for a bool one; UserError for a bad header."""
+    packing = metadata.get("packing")
+    if packing is None:
+        return None
+    try:
+        if packing != "bits":
+            raise ValueError
+        shapes = json.loads(metadata["shapes"])
+        if not isinstance(shapes, dict) or not all(
+                isinstance(v, list) and all(isinstance(d, int) and d >= 0 for d in v) for v in shapes.values()):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise UserError(f"{path}: header says packing={packing!r} but has no valid 'shapes'; "
+                        "a packed mask needs packing=bits and the JSON shapes of its tensors") from None
+    return shapes
 
 
 def density(masks: MaskDict) -> float:
