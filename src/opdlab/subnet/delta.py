@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from opdlab.analysis.pairs import Checkpoint
 from opdlab.errors import UserError
-from opdlab.fileio import OUTPUT_MARKER, atomic_path
+from opdlab.fileio import OUTPUT_MARKER, atomic_path, save_safetensors
 from opdlab.subnet.masks import pack_bits, unpack_bits
 
 FORMAT = "opdlab-delta"
@@ -291,9 +291,8 @@ def make_delta(base: str | Path, tuned: str | Path, out: str | Path) -> DeltaSum
 
     manifest = {"base": str(base), "tuned": str(tuned), "tensors": records, "files": files, "side_files": side_records}
     out = Path(out)
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION),
-                                               "manifest": json.dumps(manifest, sort_keys=True)})
+    save_safetensors(out, tensors, metadata={"format": FORMAT, "version": str(VERSION),
+                                             "manifest": json.dumps(manifest, sort_keys=True)})
     return DeltaSummary(path=out, delta_bytes=out.stat().st_size,
                         checkpoint_bytes=sum(f.stat().st_size for f in tuned_ck.files), changed=changed_total,
                         numel=numel_total, tensors=len(records), encodings={k: v for k, v in encodings.items() if v},

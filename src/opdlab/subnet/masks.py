@@ -107,8 +107,7 @@ def save_packed_mask(path: str | Path, packed: dict[str, torch.Tensor], shapes: 
     """Write masks already bit-packed (`pack_bits`) with their `shapes`, atomically (see `save_mask`)."""
     meta = {k: str(v) for k, v in metadata.items()}
     meta.update({"packing": "bits", "shapes": json.dumps({name: list(shapes[name]) for name in packed})})
-    with atomic_path(path) as tmp:
-        save_file(packed, str(tmp), metadata=meta)
+    save_safetensors(path, packed, metadata=meta)
 
 
 def _packed_shapes(path: Path, metadata: dict[str, str]) -> dict[str, list[int]] | None:
