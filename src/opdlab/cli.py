@@ -159,6 +159,12 @@ def _flatten(d: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> d
     return out
 
 
+def one_line(message: str) -> str:
+    """An error message as exactly one line: line breaks inside it (from a file name, a config key or a
+    library's message) are shown escaped, so no input can end the line early or forge a second one."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -169,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"opdlab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"opdlab {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk or a forbidden folder is one line too; other OSErrors are bugs
         if args.debug or environment_error(exc) is None:
             raise
-        print(f"opdlab {args.command}: error: {environment_error(exc)}", file=sys.stderr)
+        print(f"opdlab {args.command}: error: {one_line(str(environment_error(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # guards.Interrupted says where the checkpoint is and how to resume
         print(f"opdlab {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)

@@ -215,6 +215,7 @@ class DistillConfig:
         check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         check(0 <= self.optim.momentum < 1, "optim.momentum", "must be in [0, 1)")
         check(0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        check(self.optim.eps > 0, "optim.eps", "must be positive (AdamW divides by sqrt(v) + eps)")
         check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
         check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.run.steps >= 1, "run.steps", "must be >= 1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -57,6 +58,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark is not None else ""
             raise UserError(f"{path}: {where}not valid YAML; fix the syntax") from None
+        check_size(loaded, str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -83,11 +85,13 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.temperature=0.7")
+            raise UserError(f"--set {show(item)}: expected KEY=VALUE, e.g. --set rollout.temperature=0.7")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise UserError(f"--set {item!r}: the value is not valid YAML; quote it, e.g. --set '{key}=\"...\"'") from None
+            raise UserError(f"--set {show(item)}: the value is not valid YAML; quote it, e.g. --set "
+                            f"'{field_name(key)}=\"...\"'") from None
+        check_size(out[key.strip()], f"--set {field_name(key)}")
     return out
 
 
@@ -99,7 +103,7 @@ def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:
     unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers or null too
     if unknown:
         known = ", ".join(sorted(fields))
-        raise UserError(f"{source}: unknown field '{prefix}{unknown[0]}'; known fields here: {known}")
+        raise UserError(f"{source}: unknown field '{field_name(f'{prefix}{unknown[0]}')}'; known fields here: {known}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp = hints[name]
@@ -116,7 +120,7 @@ def _build(cls: type[T], data: dict[str, Any], source: str, prefix: str) -> T:
 def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = UserError(f"{source}: field '{name}' must be {_describe(tp)}, got {value!r}")
+    bad = UserError(f"{source}: field '{name}' must be {_describe(tp)}, got {show(value)}")
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -131,7 +135,7 @@ def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise UserError(f"{source}: field '{name}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        raise UserError(f"{source}: field '{name}' must be one of {', '.join(map(str, args))}; got {show(value)}")
     if origin is list:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise bad
@@ -143,10 +147,13 @@ def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise bad
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int):
+            if not INT_MIN <= value <= INT_MAX:  # torch seeds and counters are 64-bit
+                raise UserError(f"{source}: field '{name}' must be an integer of at most 64 bits "
+                                f"({INT_MIN} to {INT_MAX}), got {show(value)}")
+            return value
         raise bad
     if tp is float:
         if isinstance(value, bool):
@@ -168,6 +175,58 @@ def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
     if tp is Any:
         return value
     raise bad
+
+
+# Integer fields (seeds, counts) fit what torch accepts as a seed: -2**63 .. 2**64 - 1.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+# A config expanding to more values than this (YAML aliases repeat a node without copying it) is refused
+# before anything walks it: a few hundred bytes can otherwise expand to gigabytes.
+MAX_VALUES = 100_000
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 3, 6, 6, 60, 60, 60
+
+
+def show(value: Any) -> str:
+    """A short one-line repr of a config value for messages (nested and long values abridged)."""
+    return _SHOW.repr(value)
+
+
+def field_name(name: Any) -> str:
+    """A config key as a message shows it: on one line (newlines and other control characters escaped)."""
+    text = str(name)
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def check_size(value: Any, source: str) -> None:
+    """Refuse a loaded YAML value that expands to more than MAX_VALUES values, or refers to itself.
+
+    Counted over the graph YAML builds (shared nodes once each, weighted by how often they are
+    reached), so an alias bomb is measured without being expanded.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise UserError(f"{source}: a YAML alias refers to a value that contains it; write the values out")
+        active.add(key)
+        children = list(node.values()) if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_VALUES:
+                raise UserError(f"{source}: expands to more than {MAX_VALUES:,} values (YAML aliases repeat "
+                                "nodes); write the values out or drop the aliases")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(value)
 
 
 def _describe(tp: Any) -> str:

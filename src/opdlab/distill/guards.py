@@ -116,6 +116,45 @@ def nonfinite_reason(loss: float, grad_norm: float | torch.Tensor) -> str | None
     return None
 
 
+# Weights beyond this are diverged: fp32 products of two of them already overflow.
+WEIGHT_LIMIT = 2.0 ** 50
+
+
+def apply_update(step: int, optimizer: torch.optim.Optimizer, named: list[tuple[str, Any]], lr: float,
+                 run_dir: Path, any_rank: Any = None) -> None:
+    """`optimizer.step()`, then make sure the weights are finite and at most WEIGHT_LIMIT in magnitude;
+    else a `NonFiniteError`.
+
+    A finite loss and gradient can still give non-finite (or diverged) weights when the step size
+    is absurd (lr * gradient overflows fp32), and an lr beyond fp32 overflows inside the optimizer.
+    Neither can be undone or skipped, so both stop the run under either policy; nothing of this
+    step is saved. `any_rank(flag) -> flag`: the largest flag over processes (None at world size 1).
+    """
+    try:
+        optimizer.step()
+        bad = next((f"('{name}')" for name, p in named if not _local(p).numel() == 0
+                    and not float(_local(p).detach().abs().amax()) <= WEIGHT_LIMIT), None)  # NaN fails <= too
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        bad = f"(the optimizer's own arithmetic: {str(exc).splitlines()[0]})"
+    flag = 1.0 if bad is not None else 0.0
+    if any_rank is not None:
+        flag = any_rank(flag)
+    if flag:
+        raise NonFiniteError(
+            f"step {step}: the update with optim.lr={lr:g} made the weights non-finite or diverged "
+            f"{bad or '(on another process)'}; "
+            f"nothing after the last good checkpoint ({last_checkpoint_name(run_dir)}) was saved; lower optim.lr, "
+            f"then resume with: opdlab distill --resume {run_dir}"
+        )
+
+
+def _local(p: Any) -> torch.Tensor:
+    """This process's part of a parameter (a DTensor's local shard under FSDP2)."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def last_checkpoint_name(run_dir: Path) -> str:
     """`checkpoints/step-N` of the newest complete checkpoint, or 'none' (for messages)."""
     found = list_checkpoints(run_dir)

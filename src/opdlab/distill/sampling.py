@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from opdlab.errors import UserError
+
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio, odd)
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -119,6 +121,9 @@ class SeededSampling:
     def __call__(self, input_ids: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
         if scores_BV.shape[0] != self.seeds_B.shape[0]:
             raise ValueError(f"SeededSampling has {self.seeds_B.shape[0]} seeds for {scores_BV.shape[0]} rows")
+        if not bool((scores_BV.isfinite().any(dim=-1) & ~scores_BV.isnan().any(dim=-1)).all()):
+            raise UserError("the student's next-token scores hold NaN or only infinities while sampling: its "
+                            "weights have diverged; lower optim.lr and resume from an earlier checkpoint")
         scores = scores_BV.float() if self.temperature == 1.0 else scores_BV.float() / self.temperature
         scores = nucleus_filter(scores, self.top_p)
         tokens_B = inverse_cdf_sample(scores, seeded_uniform(self.seeds_B.to(scores.device), self.position))

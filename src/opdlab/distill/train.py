@@ -48,7 +48,7 @@ from opdlab.dist.runtime import DistContext, NullLog, check_divisible, init_from
 from opdlab.distill import checkpoint as ckpt
 from opdlab.distill import sharded_checkpoint as dist_ckpt
 from opdlab.distill.evaluate import evaluate, evaluate_visual, has_answers, rollout_correct
-from opdlab.distill.guards import StopRequest, skip_nonfinite
+from opdlab.distill.guards import StopRequest, apply_update, skip_nonfinite
 from opdlab.distill.logging import MetricsLog, require_tensorboard, truncate_metrics
 from opdlab.distill.losses import group_advantages
 from opdlab.distill.privileged import check_privileged, teacher_message, teacher_prompt_ids, teacher_view
@@ -240,8 +240,9 @@ def update(run: Run, step: int, loss_sum: float) -> tuple[float, bool]:
         zero_grads_outside(run.named, run.masks)
     grad_norm = scalar(clip_gradients(run.named, run.optimizer, run.cfg.optim.grad_clip))  # compact gradients too
     skipped = skip_nonfinite(step, loss_sum, grad_norm, run.cfg.run.on_nonfinite, run.run_dir)  # NaN/inf: stop or skip
-    if not skipped:
-        run.optimizer.step()
+    if not skipped:  # optimizer.step(), and the weights checked finite after it
+        apply_update(step, run.optimizer, run.named, run.cfg.optim.lr, run.run_dir,
+                     (lambda flag: run.ctx.all_max(flag)[0]) if run.ctx.distributed else None)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped

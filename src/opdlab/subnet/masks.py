@@ -265,7 +265,7 @@ def random_like(masks: MaskDict, seed: int = 0) -> MaskDict:
     """
     out: MaskDict = {}
     for name, m in masks.items():
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any 64-bit seed
         flat = torch.zeros(m.numel(), dtype=torch.bool)
         flat[_sample_indices(m.numel(), int(m.sum()), gen)] = True
         out[name] = flat.view(m.shape)
