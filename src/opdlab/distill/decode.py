@@ -10,7 +10,8 @@ that overhead is about two thirds of a decode layer's time.
 
 How:
 1. Prefill: the model's own forward on the prompts (the same call `generate` makes: position ids
-   from the attention mask, `logits_to_keep=1`), with a `DynamicCache`.
+   from the attention mask, `logits_to_keep=1`), with a `DynamicCache`; once per distinct prompt
+   when each prompt is sampled several times.
 2. The prompt keys and values are copied once into preallocated buffers of the final length
    (prompt + `max_new_tokens`); each decode step writes one column and attends to a view of the
    filled part, so nothing is reallocated or copied per token.
@@ -142,15 +143,17 @@ class _Decoder:
         self.layers = [_Layer(layer, per_head_norm) for layer in core.layers[: model.config.num_hidden_layers]]
         self.norm = (core.norm.weight, core.norm.variance_epsilon)
 
-    def start(self, cache: Any, capacity: int, mask_BP: Tensor | None, positions_BS: Tensor) -> None:
-        """Copy the prefill's keys/values into buffers of `capacity` columns; tabulate cos/sin of the decode positions."""
+    def start(self, cache: Any, capacity: int, mask_BP: Tensor | None, positions_BS: Tensor, repeats: int = 1) -> None:
+        """Copy the prefill's keys/values (each row `repeats` times) into buffers of `capacity` columns;
+        tabulate cos/sin of the decode positions."""
         self.keys, self.values = [], []
         for layer in cache.layers[: len(self.layers)]:
             k, v = layer.keys, layer.values
-            kb = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
-            vb = v.new_zeros(v.shape[0], v.shape[1], capacity, v.shape[3])
-            kb[:, :, : k.shape[2]] = k
-            vb[:, :, : v.shape[2]] = v
+            rows = k.shape[0] * repeats
+            kb = k.new_zeros(rows, k.shape[1], capacity, k.shape[3])
+            vb = v.new_zeros(rows, v.shape[1], capacity, v.shape[3])
+            kb[:, :, : k.shape[2]] = k.repeat_interleave(repeats, dim=0) if repeats > 1 else k
+            vb[:, :, : v.shape[2]] = v.repeat_interleave(repeats, dim=0) if repeats > 1 else v
             self.keys.append(kb)
             self.values.append(vb)
         self.filled = cache.layers[0].keys.shape[2]
@@ -208,26 +211,38 @@ def decode(
     eos_ids: Sequence[int],
     pad_id: int,
     pick: Callable[[Tensor, int], Tensor],
+    repeats: int = 1,
 ) -> Tensor:
     """Prompts followed by up to `max_new_tokens` generated tokens, [B, P + C] (C <= max_new_tokens).
 
-    `pick(logits_BV, position)` returns the tokens [B] of generation step `position` (0-based) from
-    float32 logits. Rows that produced an EOS continue with `pad_id`; decoding stops early once
-    every row has. Call only when `unsupported_reason(model)` is None; the model must be in eval mode.
+    `ids_BP`, `attn_BP`: the distinct prompts, left-padded; each is decoded `repeats` times, in
+    adjacent rows (row r continues prompt r // repeats), so B = prompts x repeats. The prefill runs
+    once per distinct prompt and its keys and values are repeated: the same numbers as prefilling
+    every copy, as each row's computation reads only its own row (and the BLAS gives a row of a
+    product the same bits whatever the row count, from 4 rows up). `pick(logits_BV,
+    position)` returns the tokens [B] of generation step `position` (0-based) from float32 logits.
+    Rows that produced an EOS continue with `pad_id`; decoding stops early once every row has.
+    Call only when `unsupported_reason(model)` is None; the model must be in eval mode.
     """
     from transformers import DynamicCache
 
-    batch, prompt_len = ids_BP.shape
     device = ids_BP.device
     positions = attn_BP.long().cumsum(-1) - 1
     positions = positions.masked_fill(attn_BP == 0, 0)  # generate's prompt position ids
     padded = not bool(attn_BP.all())
+    if repeats > 1 and ids_BP.numel() < 4:  # BLAS rounds products of <= 3 rows differently: prefill every copy
+        ids_BP, attn_BP, positions = (t.repeat_interleave(repeats, dim=0) for t in (ids_BP, attn_BP, positions))
+        repeats = 1
     cache = DynamicCache(config=model.config)
-    # generate drops an all-ones mask before its first forward; so does this call
-    out = model(input_ids=ids_BP.contiguous(), attention_mask=attn_BP if padded else None, position_ids=positions,
-                cache=cache, use_cache=True, logits_to_keep=1, return_dict=True)
-    logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-    del out
+    # generate's prefill: the model's forward with an all-ones mask dropped; the LM head on the last
+    # position of every row (after the copies are made, so its product has generate's row count)
+    hidden = model.model(input_ids=ids_BP.contiguous(), attention_mask=attn_BP if padded else None,
+                         position_ids=positions, cache=cache, use_cache=True, return_dict=True).last_hidden_state
+    if repeats > 1:
+        ids_BP, attn_BP, positions = (t.repeat_interleave(repeats, dim=0) for t in (ids_BP, attn_BP, positions))
+    logits = model.lm_head(hidden[:, -1:].repeat_interleave(repeats, dim=0))[:, -1].to(copy=True, dtype=torch.float32)
+    del hidden
+    prompt_len = ids_BP.shape[1]
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     pad = torch.tensor(pad_id, dtype=torch.long, device=device)
     tokens = pick(logits, 0)
@@ -236,7 +251,7 @@ def decode(
     if max_new_tokens > 1 and bool(unfinished.any()):
         decoder = _Decoder(model, SUPPORTED[model.config.model_type])
         steps = positions[:, -1:] + torch.arange(1, max_new_tokens, device=device)  # positions of fed tokens
-        decoder.start(cache, prompt_len + max_new_tokens - 1, attn_BP if padded else None, steps)
+        decoder.start(cache, prompt_len + max_new_tokens - 1, attn_BP if padded else None, steps, repeats)
         del cache
         for s in range(max_new_tokens - 1):
             logits = decoder.step(tokens, s)

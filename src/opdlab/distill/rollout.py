@@ -23,6 +23,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor
 
+from opdlab.distill.decode import decode, unsupported_reason
 from opdlab.distill.sampling import SeededSampling
 from opdlab.errors import UserError
 
@@ -146,50 +147,45 @@ def roll_out(
     top_p: float = 1.0,
     greedy: bool = False,
     seeds: Sequence[int] | None = None,
+    fast: bool = True,
 ) -> Rollout:
-    """Sample `samples` completions per prompt with `model.generate` (KV cache, stop at EOS).
+    """Sample `samples` completions per prompt (KV cache, stop at EOS).
 
     Sampling draws from torch's global RNG, so `torch.manual_seed` (and the RNG state saved
     in checkpoints) makes rollouts reproducible; with `seeds` (one per row, prompt-major) each
     row draws from its own generator instead (`opdlab.distill.sampling`), so a completion does not
-    depend on its batch or process. Under torchrun every rank steps `generate` together
-    (`synced_gpus`): FSDP all-gathers in every forward. top_k is off and no other logits processor
-    runs, whatever the model folder's generation_config says: on-policy means sampling the
-    model's own distribution (at `temperature`).
-    """
-    from transformers import GenerationConfig
+    depend on its batch or process. top_k is off and no other logits processor runs, whatever the
+    model folder's generation_config says: on-policy means sampling the model's own distribution
+    (at `temperature`).
 
+    Greedy and seeded rollouts of the Llama-family models run through `opdlab.distill.decode`
+    (the same tokens as `generate`, faster: `fast=False` forces `generate`); sampling from the
+    global RNG, other architectures and torchrun runs use `model.generate`. Under torchrun every
+    rank steps `generate` together (`synced_gpus`): FSDP all-gathers in every forward.
+    """
     rows = [list(p) for p in prompt_ids for _ in range(samples)]
     row_examples = [ex for ex in examples for _ in range(samples)]
     device = next(model.parameters()).device
-    ids, attn = left_pad(rows, tokenizer.pad_token_id)
-    ids, attn = ids.to(device), attn.to(device)
     eos = eos_token_ids(model, tokenizer)
-    # The folder's generation_config (top_k, repetition penalty, ...) would be merged into any
-    # config passed to generate, so it is swapped out for the call. top_k=0 turns off the
-    # library's default top-k of 50.
-    processors = None
-    if seeds is not None and not greedy:
-        from transformers import LogitsProcessorList
-
-        processors = LogitsProcessorList([SeededSampling(seeds, temperature, top_p, device)])
-    sample = not greedy and processors is None  # seeded rows sample inside the processor, then argmax
-    gen_cfg = GenerationConfig(
-        do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-        top_k=0 if sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
-    was_training, saved_cfg = model.training, model.generation_config
+    synced = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    was_training = model.training
     model.eval()
-    model.generation_config = gen_cfg
     try:
-        synced = torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1
-        out = model.generate(input_ids=ids, attention_mask=attn, logits_processor=processors, synced_gpus=synced)
+        if fast and (greedy or seeds is not None) and not synced and unsupported_reason(model) is None:
+            ids, attn = left_pad([list(p) for p in prompt_ids], tokenizer.pad_token_id)
+            pick = greedy_pick if greedy else SeededSampling(seeds, temperature, top_p, device).pick
+            out = decode(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens, eos_ids=eos,
+                         pad_id=tokenizer.pad_token_id, pick=pick, repeats=samples)
+            attn = attn.to(device).repeat_interleave(samples, dim=0)
+        else:
+            ids, attn = left_pad(rows, tokenizer.pad_token_id)
+            ids, attn = ids.to(device), attn.to(device)
+            out = _generate(model, ids, attn, eos, tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, greedy=greedy, seeds=seeds, synced=synced)
     finally:
-        model.generation_config = saved_cfg
         model.train(was_training)
-    prompt_len = ids.shape[1]
+    prompt_len = attn.shape[1]
     completion = out[:, prompt_len:]
     comp_mask = completion_mask(completion, eos)
     input_ids = out
@@ -197,6 +193,40 @@ def roll_out(
     comp_full = torch.cat([torch.zeros_like(attn), comp_mask], dim=1)
     texts = decode_completions(tokenizer, completion, comp_mask)
     return Rollout(input_ids, attention, comp_full, prompt_len, texts, row_examples)
+
+
+def greedy_pick(logits_BV: Tensor, position: int) -> Tensor:
+    """The most likely token of each row (the first on ties, as `generate`'s argmax)."""
+    return torch.argmax(logits_BV, dim=-1)
+
+
+def _generate(
+    model: Any, ids: Tensor, attn: Tensor, eos: list[int], pad_id: int, *, max_new_tokens: int, temperature: float,
+    top_p: float, greedy: bool, seeds: Sequence[int] | None, synced: bool,
+) -> Tensor:
+    """`model.generate` on left-padded rows [B, P] -> [B, P + C], with only the sampler `roll_out` asks for."""
+    from transformers import GenerationConfig
+
+    # The folder's generation_config (top_k, repetition penalty, ...) would be merged into any
+    # config passed to generate, so it is swapped out for the call. top_k=0 turns off the
+    # library's default top-k of 50.
+    processors = None
+    if seeds is not None and not greedy:
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList([SeededSampling(seeds, temperature, top_p, ids.device)])
+    sample = not greedy and processors is None  # seeded rows sample inside the processor, then argmax
+    gen_cfg = GenerationConfig(
+        do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+        top_k=0 if sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos,
+        pad_token_id=pad_id, use_cache=True,
+    )
+    saved_cfg = model.generation_config
+    model.generation_config = gen_cfg
+    try:
+        return model.generate(input_ids=ids, attention_mask=attn, logits_processor=processors, synced_gpus=synced)
+    finally:
+        model.generation_config = saved_cfg
 
 
 def decode_completions(tokenizer: Any, completion_ids_BC: Tensor, mask_BC: Tensor) -> list[str]:

@@ -110,7 +110,7 @@ class SeededSampling:
     so the greedy argmax is a sample at `temperature` (restricted to the top-p nucleus). The t-th
     call samples each row's t-th completion token. Rows keep their position in the batch for the
     whole `generate` call (no beams), which is what ties row r to seed r. Use one instance per
-    `generate` call (it counts its calls).
+    `generate` call (it counts its calls); `pick` is the same draw for a caller that counts steps itself.
     """
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device | str) -> None:
@@ -119,6 +119,14 @@ class SeededSampling:
         self.position = 0
 
     def __call__(self, input_ids: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
+        tokens_B = self.pick(scores_BV, self.position)
+        self.position += 1
+        chosen = torch.full_like(scores_BV, float("-inf"))
+        return chosen.scatter_(1, tokens_B.unsqueeze(1), 0.0)
+
+    def pick(self, scores_BV: torch.Tensor, position: int) -> torch.Tensor:
+        """The tokens [B] of generation step `position` (0-based) from logits [B, V]: what `opdlab.distill.decode`
+        calls directly, and what `__call__` turns into scores for `generate`."""
         if scores_BV.shape[0] != self.seeds_B.shape[0]:
             raise ValueError(f"SeededSampling has {self.seeds_B.shape[0]} seeds for {scores_BV.shape[0]} rows")
         if not bool((scores_BV.isfinite().any(dim=-1) & ~scores_BV.isnan().any(dim=-1)).all()):
@@ -126,7 +134,4 @@ class SeededSampling:
                             "weights have diverged; lower optim.lr and resume from an earlier checkpoint")
         scores = scores_BV.float() if self.temperature == 1.0 else scores_BV.float() / self.temperature
         scores = nucleus_filter(scores, self.top_p)
-        tokens_B = inverse_cdf_sample(scores, seeded_uniform(self.seeds_B.to(scores.device), self.position))
-        self.position += 1
-        chosen = torch.full_like(scores_BV, float("-inf"))
-        return chosen.scatter_(1, tokens_B.unsqueeze(1), 0.0)
+        return inverse_cdf_sample(scores, seeded_uniform(self.seeds_B.to(scores.device), position))
