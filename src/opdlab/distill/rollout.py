@@ -235,22 +235,65 @@ def decode_completions(tokenizer: Any, completion_ids_BC: Tensor, mask_BC: Tenso
     return tokenizer.batch_decode(seqs, skip_special_tokens=True)
 
 
-def completion_logits(model: Any, batch: Rollout, vocab_size: int | None = None) -> Tensor:
+def completion_logits(model: Any, batch: Rollout, vocab_size: int | None = None, share_prompts: bool = True) -> Tensor:
     """Logits that predict each completion token, [B, C, V] (V cut to `vocab_size`).
 
     Position ids follow the attention mask, as in `generate`, so left padding does not shift
     positions. Only the last C+1 positions go through the LM head (`logits_to_keep`).
+
+    When rows share a prompt (several samples per prompt) and the model is one `opdlab.distill.decode`
+    covers, each distinct prompt runs through the model once (`shared_prompt_logits`): with
+    autograd, its gradient is the sum over the rows that read it, as in the one-pass forward. The
+    logits equal the one-pass forward's up to float32 rounding (tests/unit/test_shared_prompts.py).
+    `share_prompts=False` forces the one-pass forward.
     """
     ids, attn = batch.input_ids_BT, batch.attention_mask_BT
-    positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
-    num_completion = ids.shape[1] - batch.prompt_len
-    logits = model(
-        input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=num_completion + 1, use_cache=False
-    ).logits
-    logits = logits[:, :-1]  # the last position predicts beyond the rollout
+    prompt = torch.cat([ids[:, : batch.prompt_len], attn[:, : batch.prompt_len]], dim=1)
+    distinct, inverse = torch.unique(prompt, dim=0, return_inverse=True) if share_prompts else (prompt, None)
+    if inverse is not None and distinct.shape[0] < ids.shape[0] and ids.shape[1] > batch.prompt_len \
+            and unsupported_reason(model) is None:
+        logits = shared_prompt_logits(model, batch, distinct, inverse)
+    else:
+        positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
+        num_completion = ids.shape[1] - batch.prompt_len
+        logits = model(
+            input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=num_completion + 1,
+            use_cache=False,
+        ).logits
+        logits = logits[:, :-1]  # the last position predicts beyond the rollout
     if vocab_size is not None:
         logits = logits[..., :vocab_size]  # a padded teacher vocabulary: compare shared rows only
     return logits.float()
+
+
+def shared_prompt_logits(model: Any, batch: Rollout, distinct: Tensor, inverse: Tensor) -> Tensor:
+    """`completion_logits` with one pass per distinct prompt, [B, C, V].
+
+    distinct: [U, 2P] the distinct rows of (prompt ids | prompt mask); inverse: [B] which one each row reads.
+    1. The U prompts through the base model, keeping their keys and values (a `DynamicCache`).
+    2. Those keys and values gathered to the B rows (`index_select`, differentiable), and the
+       completion columns but the last through the model behind them: their logits predict
+       completion tokens 2..C.
+    3. Completion token 1 is predicted by the last prompt position: the LM head on that hidden state.
+    """
+    from transformers import DynamicCache
+
+    ids, attn, p = batch.input_ids_BT, batch.attention_mask_BT, batch.prompt_len
+    positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    prompt_ids, prompt_mask = distinct[:, :p], distinct[:, p:]
+    cache = DynamicCache(config=model.config)
+    hidden = model.model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0), cache=cache,
+                         use_cache=True).last_hidden_state
+    first = model.lm_head(hidden[:, -1:].index_select(0, inverse))
+    if ids.shape[1] - p == 1:
+        return first
+    rows = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        rows.update(layer.keys.index_select(0, inverse), layer.values.index_select(0, inverse), i)
+    rest = model(input_ids=ids[:, p:-1], attention_mask=attn[:, :-1], position_ids=positions[:, p:-1], cache=rows,
+                 use_cache=True).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def score(teacher: Any, batch: Rollout, vocab_size: int) -> Tensor:
