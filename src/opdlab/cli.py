@@ -56,7 +56,7 @@ FLAGS: dict[str, tuple[type, str, list[str | Flag]]] = {
     "distill": (C.DistillConfig, "train: method opd | opsd | sft | rl", [
         "method", "loss.loss", "optim.optimizer", "optim.lr", "run.steps", "optim.mask", "model.student",
         "model.teacher", Flag("data.privileged_field", "--privileged", metavar="FIELD"), "model.pair",
-        "data.prompts", "data.task", "run.save_dtype", "run.seed", "model.device", "out",
+        "data.prompts", "data.task", "run.save_dtype", "run.precision", "run.seed", "model.device", "out",
         Flag("resume", metavar="RUN_DIR"), "overwrite", "model.trust_remote_code"]),
     "analyze": (C.AnalyzeConfig, "how TUNED differs from BASE", [
         Flag("base", positional=True), Flag("tuned", positional=True), Flag("out", required=True), "dtype",

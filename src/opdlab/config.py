@@ -176,6 +176,10 @@ class RunConfig:
     save_update_masks: bool = False
     """with track_update_every: also save each measurement's changed mask, bit-packed, as masks/step-N.safetensors
     (usable as --mask)."""
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    """arithmetic of rollouts, teacher scoring and the student's forward/backward: fp32, or bf16-mixed (matrix
+    products under bf16 autocast; fp32 master weights, optimizer state, loss and log-softmax). bf16-mixed is
+    faster only where the hardware has bf16 matrix units (Intel AMX, recent GPUs); docs/training.md."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """what a NaN/inf loss or gradient does: stop (one-line error naming the step; the last good checkpoint is
     kept) or skip (drop that batch: no optimizer step, logged as train/skipped_nonfinite)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -51,6 +52,7 @@ from opdlab.distill.evaluate import evaluate, evaluate_visual, has_answers, roll
 from opdlab.distill.guards import StopRequest, apply_update, skip_nonfinite
 from opdlab.distill.logging import MetricsLog, require_tensorboard, truncate_metrics
 from opdlab.distill.losses import group_advantages
+from opdlab.distill.precision import compute_precision, precision_note
 from opdlab.distill.privileged import check_privileged, teacher_message, teacher_prompt_ids, teacher_view
 from opdlab.distill.rollout import Rollout, roll_out, with_prompts
 from opdlab.distill.sampling import row_seeds
@@ -131,6 +133,9 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     ctx = init_from_env(cfg.model.device)  # world size 1 unless launched by torchrun (opdlab.dist)
+    note = precision_note(cfg.run.precision, cfg.model.device)
+    if note and ctx.is_main:
+        print(f"opdlab: {note}", file=sys.stderr)
     check_divisible(ctx, cfg.rollout.prompts_per_step)
 
     models = load_models(cfg.model, self_teacher=privileged_teacher(cfg))
@@ -182,23 +187,28 @@ def set_up(cfg: DistillConfig, run_dir: Path, resume_from: Path | None) -> Run:
 def run_steps(run: Run, log: MetricsLog | NullLog, stop: StopRequest) -> None:
     """Steps `first_step + 1` .. `run.steps`, each: roll out -> score -> loss -> step -> log -> checkpoint."""
     cfg, ctx = run.cfg, run.ctx
+    precision = partial(compute_precision, cfg.run.precision, cfg.model.device)  # bf16-mixed: autocast (distill/precision.py)
     if run.first_step == 0 and cfg.run.eval_start:
-        log.write({"step": 0, **run.evaluate()})
+        with precision():
+            start = run.evaluate()
+        log.write({"step": 0, **start})
 
     for step in range(run.first_step + 1, cfg.run.steps + 1):
         # ---- roll out: the student samples (opd, opsd, rl), or the teacher does (sft)
         t0 = time.perf_counter()
         examples = run.source.step_examples(step, cfg.rollout.prompts_per_step, cfg.run.seed)
         first, examples = ctx.shard(examples)  # this process's share; seeds follow the global index
-        batch = run.roll_out(examples, row_seeds(cfg.run.seed, step, first, len(examples),
-                                                 cfg.rollout.samples_per_prompt))
+        with precision():
+            batch = run.roll_out(examples, row_seeds(cfg.run.seed, step, first, len(examples),
+                                                     cfg.rollout.samples_per_prompt))
         num_tokens = int(ctx.all_sum(batch.num_tokens)[0])  # the whole step's completion tokens
         reward = rollout_correct(batch.completions, batch.examples) if has_answers(batch.examples) else None
         t_rollout = time.perf_counter() - t0
 
         # ---- score and loss: teacher and student on the same completion tokens, one micro-batch at a time
-        loss_sum, kl_sum, t_score, t_update = accumulate_gradients(run.models, batch, run.loss, num_tokens,
-                                                                   run.advantages(reward))
+        with precision():  # the optimizer step below runs outside it, on the fp32 master weights
+            loss_sum, kl_sum, t_score, t_update = accumulate_gradients(run.models, batch, run.loss, num_tokens,
+                                                                       run.advantages(reward))
         loss_sum, kl_sum = ctx.all_sum(loss_sum, kl_sum)
 
         # ---- step
@@ -219,7 +229,8 @@ def run_steps(run: Run, log: MetricsLog | NullLog, stop: StopRequest) -> None:
             "train/skipped_nonfinite": 1 if skipped else None,
         }
         if step == cfg.run.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            row.update(run.evaluate())
+            with precision():
+                row.update(run.evaluate())  # held-out numbers in the run's own arithmetic
         if run.tracker is not None and step % cfg.run.track_update_every == 0:
             t4 = time.perf_counter()
             row.update(run.tracker.measure(step))
