@@ -9,7 +9,9 @@ built from configs and saved once per size), on the same prompts, with the same 
 (`--prompts-per-step` prompts, one sample each), completion length (`--max-new-tokens`), sampling
 (temperature 1, top-p 1, top-k off), loss (full-vocabulary reverse KL: opdlab `loss=reverse_kl`,
 TRL `beta=1.0`), optimizer (AdamW, constant lr, no weight decay, gradient clipping at 1.0), fp32
-on CPU, gradient checkpointing off and the same number of torch threads.
+weights on CPU, gradient checkpointing off and the same number of torch threads. `--precisions
+fp32,bf16-mixed` measures each size twice: all-fp32, then opdlab's `run.precision=bf16-mixed` beside
+TRL's `bf16=True` (both bf16 autocast with fp32 master weights).
 
 Each tool runs in its own long-lived child process (`--worker opdlab|trl`), so imports are paid
 once and the peak RSS (`ru_maxrss`, read by the child itself) belongs to one tool alone. The
@@ -37,6 +39,7 @@ samples EOS: completions run to `--max-new-tokens` for both tools.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -153,7 +156,7 @@ def opdlab_config(paths: dict, s: dict, steps: int, run_dir: str) -> Any:
         "optim.optimizer": "adamw", "optim.lr": s["lr"], "optim.weight_decay": 0.0, "optim.grad_clip": 1.0,
         "optim.schedule": "constant", "optim.warmup_steps": 0,
         "run.steps": steps, "run.seed": s["seed"], "run.eval_every": 0, "run.save_every": 0,
-        "run.save_dtype": "fp32", "run.threads": s["threads"],
+        "run.save_dtype": "fp32", "run.threads": s["threads"], "run.precision": s.get("precision", "fp32"),
     })
 
 
@@ -181,7 +184,7 @@ def trl_args(s: dict, steps: int, out: str) -> Any:
     return DistillationConfig(
         output_dir=out, per_device_train_batch_size=s["prompts_per_step"], gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False,
+        adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", bf16=s.get("precision") == "bf16-mixed", fp16=False,
         gradient_checkpointing=False, use_cpu=True, max_completion_length=s["max_new_tokens"],
         temperature=s["temperature"], top_p=1.0, top_k=0, beta=1.0, seed=s["seed"], logging_steps=10_000,
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
@@ -253,6 +256,7 @@ def parity(paths: dict, s: dict) -> dict:
 
     from opdlab.data.prompts import render_prompts
     from opdlab.distill.rollout import roll_out
+    from opdlab.distill.precision import compute_precision
     from opdlab.distill.step import StepModels, accumulate_gradients, loss_function
 
     torch.manual_seed(s["seed"])
@@ -275,7 +279,10 @@ def parity(paths: dict, s: dict) -> dict:
     cfg = opdlab_config(paths, s, 1, "unused")
     student.train()
     models = StepModels(student, teacher, None, vocab, cfg.rollout.micro_batch)
-    loss_opdlab = accumulate_gradients(models, batch, loss_function(cfg.method, cfg.loss)).loss
+    bf16 = s.get("precision") == "bf16-mixed"  # opdlab and TRL in their bf16 modes; the reference stays fp32
+    mixed = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    with compute_precision(s.get("precision", "fp32"), "cpu"):
+        loss_opdlab = accumulate_gradients(models, batch, loss_function(cfg.method, cfg.loss)).loss
     g_opdlab = grads(student)
 
     # reference: F.kl_div on full logits, summed over completion tokens / their count
@@ -290,11 +297,12 @@ def parity(paths: dict, s: dict) -> dict:
 
     # TRL GKDTrainer's loss function (beta=1 is reverse KL), on full logits with -100 labels
     labels = ids.masked_fill(comp == 0, -100)
-    out = student(input_ids=ids, attention_mask=attn)
-    with torch.no_grad():
-        t_full = teacher(input_ids=ids, attention_mask=attn).logits
-    loss_gkd = GKDTrainer.generalized_jsd_loss(out.logits[:, :-1], t_full[:, :-1], labels=labels[:, 1:], beta=1.0,
-                                               num_items_in_batch=n_tokens)
+    with mixed():
+        out = student(input_ids=ids, attention_mask=attn)
+        with torch.no_grad():
+            t_full = teacher(input_ids=ids, attention_mask=attn).logits
+        loss_gkd = GKDTrainer.generalized_jsd_loss(out.logits[:, :-1].float(), t_full[:, :-1].float(),
+                                                   labels=labels[:, 1:], beta=1.0, num_items_in_batch=n_tokens)
     loss_gkd.backward()
     g_gkd = grads(student)
 
@@ -305,7 +313,8 @@ def parity(paths: dict, s: dict) -> dict:
         trainer.model.train()
         inputs = {"prompt_ids": ids[:, :P], "prompt_mask": attn[:, :P], "completion_ids": ids[:, P:],
                   "completion_mask": comp[:, P:], "num_items_in_batch": torch.tensor(float(n_tokens))}
-        loss_trl = trainer.compute_loss(trainer.model, inputs)
+        with mixed():  # what TRL's Trainer wraps compute_loss in when bf16=True (accelerate's autocast)
+            loss_trl = trainer.compute_loss(trainer.model, inputs)
         loss_trl.backward()
         g_trl = grads(trainer.model)
 
@@ -317,9 +326,13 @@ def parity(paths: dict, s: dict) -> dict:
     grad_rel = {"opdlab": rel(g_opdlab, g_ref), "trl_distillation_trainer": rel(g_trl, g_ref),
                 "trl_gkd_loss": rel(g_gkd, g_ref)}
     spread = max(values.values()) - min(values.values())
-    return {"completion_tokens": n_tokens, "rows": ids.shape[0], "prompt_len": P, "loss": values,
-            "max_abs_loss_difference": spread, "grad_relative_difference_vs_reference": grad_rel,
-            "agree": spread <= 1e-5 * max(1.0, abs(values["reference_kl_div"])) and max(grad_rel.values()) < 1e-4}
+    # fp32: all four are the same sum up to rounding. bf16: each tool's bf16 products against the fp32
+    # reference, within the tolerances of tests/unit/test_precision.py (1 % loss, 3 % gradient) doubled.
+    loss_tol, grad_tol = (2e-2, 6e-2) if bf16 else (1e-5, 1e-4)
+    return {"precision": s.get("precision", "fp32"), "completion_tokens": n_tokens, "rows": ids.shape[0],
+            "prompt_len": P, "loss": values, "max_abs_loss_difference": spread,
+            "grad_relative_difference_vs_reference": grad_rel, "tolerance": {"loss_relative": loss_tol, "grad_relative": grad_tol},
+            "agree": spread <= loss_tol * max(1.0, abs(values["reference_kl_div"])) and max(grad_rel.values()) < grad_tol}
 
 
 # ----------------------------------------------------------------------------- child process
@@ -380,8 +393,8 @@ class Child:
 # ----------------------------------------------------------------------------- the parent
 
 
-def summarize(report: dict) -> dict:
-    """A replaced run, for the history list: per size, throughput and the opdlab/TRL ratio."""
+def summarize_report(report: dict) -> dict:
+    """A replaced run, for the history list: per size and precision, throughput and the opdlab/TRL ratio."""
     sizes = {}
     for r in report.get("results", []):
         row: dict[str, Any] = {}
@@ -394,7 +407,7 @@ def summarize(report: dict) -> dict:
         for key in ("throughput_ratio_median", "throughput_ratio_min", "throughput_ratio_max"):
             if key in ratio:
                 row[key] = round(ratio[key], 3)
-        sizes[r["size"]] = row
+        sizes[f'{r["size"]} {r.get("precision", "fp32")}'] = row
     return {"sizes": sizes}
 
 
@@ -427,9 +440,9 @@ def summarize(trials: list[list[dict]]) -> dict:
 
 def bench_size(size: str, s: dict, tools: list[str], workdir: Path, parity_only: bool) -> dict:
     t0 = time.perf_counter()
-    paths = build_pair(workdir / size, size, seed=s["seed"])
+    paths = build_pair(workdir / f"{size}-{s['precision']}", size, seed=s["seed"])
     params = paths.pop("params")
-    result: dict[str, Any] = {"size": size, "model": SIZES[size], "parameters": params}
+    result: dict[str, Any] = {"size": size, "precision": s["precision"], "model": SIZES[size], "parameters": params}
     def check_parity() -> None:
         # In this (unmeasured) parent process, and only after the measured children have started:
         # a child started by fork+exec inherits the parent's peak-RSS mark (ru_maxrss), so running
@@ -438,7 +451,7 @@ def bench_size(size: str, s: dict, tools: list[str], workdir: Path, parity_only:
 
         torch.set_num_threads(s["threads"])
         result["parity"] = parity(paths, s)
-        print(f"[{size}] parity: {json.dumps(result['parity']['loss'])} agree={result['parity']['agree']}", flush=True)
+        print(f"[{size} {s['precision']}] parity: {json.dumps(result['parity']['loss'])} agree={result['parity']['agree']}", flush=True)
 
     if parity_only:
         check_parity()
@@ -452,7 +465,7 @@ def bench_size(size: str, s: dict, tools: list[str], workdir: Path, parity_only:
             answer = children[kind].ask("trial")
             trials[kind].append(answer["steps"])
             tps = sum(r["tokens"] for r in answer["steps"]) / sum(r["step_s"] for r in answer["steps"])
-            print(f"[{size}] trial {t + 1}/{s['trials']} {kind}: {tps:,.0f} completion tokens/s", flush=True)
+            print(f"[{size} {s['precision']}] trial {t + 1}/{s['trials']} {kind}: {tps:,.0f} completion tokens/s", flush=True)
     if "trl" in tools:
         check_parity()
     for kind, child in children.items():
@@ -474,8 +487,9 @@ def bench_size(size: str, s: dict, tools: list[str], workdir: Path, parity_only:
 
 def table(report: dict) -> str:
     """Markdown rows: one per size and tool."""
-    lines = ["| size (student / teacher params) | tool | completion tok/s median [min–max] | gen / teacher / update | "
-             "peak RSS MB (at start) | opdlab ÷ TRL tok/s [min–max] |", "|---|---|---:|---|---:|---:|"]
+    lines = ["| size (student / teacher params) | precision | tool | completion tok/s median [min–max] | "
+             "gen / teacher / update | peak RSS MB (at start) | opdlab ÷ TRL tok/s [min–max] |",
+             "|---|---|---|---:|---|---:|---:|"]
     for r in report["results"]:
         for kind in ("opdlab", "trl"):
             if kind not in r:
@@ -487,7 +501,8 @@ def table(report: dict) -> str:
                 ratio = (f"{v['throughput_ratio_median']:.2f}× [{v['throughput_ratio_min']:.2f}–"
                          f"{v['throughput_ratio_max']:.2f}]")
             p = r["parameters"]
-            lines.append(f"| {r['size']} ({p['student'] / 1e6:.1f} M / {p['teacher'] / 1e6:.1f} M) | {kind} | "
+            lines.append(f"| {r['size']} ({p['student'] / 1e6:.1f} M / {p['teacher'] / 1e6:.1f} M) | "
+                         f"{r.get('precision', 'fp32')} | {kind} | "
                          f"{x['tokens_per_s_median']:,.0f} [{x['tokens_per_s_min']:,.0f}–{x['tokens_per_s_max']:,.0f}] | "
                          f"{f['generate_s']:.0%} / {f['teacher_s']:.0%} / {f['update_s']:.0%} | "
                          f"{x['peak_rss_mb']:,.0f} ({x['rss_at_ready_mb']:,.0f}) | {ratio} |")
@@ -498,6 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="small,medium", help=f"comma-separated, from {', '.join(SIZES)}")
     ap.add_argument("--tools", default="opdlab,trl", help="opdlab,trl or opdlab (TRL not installed)")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated: fp32 and/or bf16-mixed (opdlab run.precision=bf16-mixed beside TRL bf16=True)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per trial")
     ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps at the start of each trial")
@@ -529,7 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        results = [bench_size(size, settings, tools, workdir, args.parity_only) for size in args.sizes.split(",")]
+        results = [bench_size(size, {**settings, "precision": precision}, tools, workdir, args.parity_only)
+                   for size in args.sizes.split(",") for precision in args.precisions.split(",")]
     report = {
         "schema": 1, "benchmark": "train",
         "command": "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -538,12 +556,13 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {**settings, "tools": tools, "samples_per_prompt": 1, "top_p": 1.0, "top_k": "off",
                      "loss": "full-vocabulary reverse KL (opdlab loss=reverse_kl; TRL DistillationTrainer beta=1.0)",
                      "optimizer": "AdamW (torch), constant lr, weight_decay 0, eps 1e-8, grad clip 1.0",
-                     "dtype": "float32", "device": "cpu", "gradient_checkpointing": False,
+                     "dtype": "float32 weights; products per precision (bf16-mixed: bf16 autocast, TRL bf16=True)",
+                     "precisions": args.precisions.split(","), "device": "cpu", "gradient_checkpointing": False,
                      "architecture": "LlamaForCausalLM, untied embeddings, random init",
                      "tokenizer": "opdlab built-in character tokenizer + filler tokens to the model vocabulary"},
         "results": results,
     }
-    report = keep_history(args.out, report, summarize)
+    report = keep_history(args.out, report, summarize_report)
     write_json(args.out, report)
     if not args.parity_only:
         print(table(report))

@@ -36,8 +36,10 @@ from provenance import keep_history, machine  # noqa: E402
 # (label, file fragment, function name): cumulative time of each, per step
 PARTS = [
     ("step: roll out (generate + decode)", "distill/rollout.py", "roll_out"),
-    ("  model.generate", "generation/utils.py", "generate"),
-    ("  sampling processor (SeededSampling)", "distill/sampling.py", "__call__"),
+    ("  fast decoding (distill/decode.py)", "distill/decode.py", "decode"),
+    ("    decode steps after the prefill", "distill/decode.py", "step"),
+    ("  model.generate (other models)", "generation/utils.py", "generate"),
+    ("  seeded sampler (SeededSampling.pick)", "distill/sampling.py", "pick"),
     ("  decode completions", "distill/rollout.py", "decode_completions"),
     ("step: teacher scoring", "distill/rollout.py", "score"),
     ("step: student + loss + backward (accumulate_gradients)", "distill/step.py", "accumulate_gradients"),
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32")
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--out", default=None, help="default bench/results/profile_<size>.json")
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     s = {"prompts_per_step": args.prompts_per_step, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
-         "lr": 1e-5, "threads": args.threads, "seed": 0}
+         "lr": 1e-5, "threads": args.threads, "seed": 0,
+         "precision": args.precision}
     with tempfile.TemporaryDirectory(prefix="profile-train-") as tmp:
         paths = bench_train.build_pair(Path(tmp) / "pair", args.size)
         params = paths.pop("params")
