@@ -15,7 +15,7 @@ belong to it alone:
      path) with `--src_model BASE --opd_model TUNED --out_dir … --device DEVICE` and its
      defaults otherwise. It needs pandas (`pip install pandas`); `--reference-python` picks
      another interpreter for it.
-Then compares every per-tensor metric the two share (bench/analysis_agreement.py: the study's
+Then compares every per-tensor metric the two share (bench/lib/analysis_agreement.py: the study's
 CSV columns mapped to opdlab's tensors.csv columns; differences of the low-magnitude masks also in
 units of the study's tie-break spread; the middle layer's matrices against a full fp64 SVD) and
 writes times, memories, the agreement table and the machine to bench/results/analysis.json
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
 from analysis_agreement import NOT_SHARED, add_tie_z, agreement, fp64_check, summarize, tie_spread  # noqa: E402
 
 SIZES = {
