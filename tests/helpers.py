@@ -179,6 +179,21 @@ def cli_error(argv: list[str], capsys, code: int = 2) -> str:
     rc = main(argv)
     out, err = capsys.readouterr()
     assert rc == code, f"exit {rc}, stderr:\n{err}"
+    return error_line(argv, out, err)
+
+
+def cli_outcome(argv: list[str], capsys) -> str | None:
+    """Run the CLI in-process and accept only exit 0 (None) or exit 2 with one error line (returned)."""
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc in (0, 2), f"exit {rc}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    return error_line(argv, out, err) if rc == 2 else None
+
+
+def error_line(argv: list[str], out: str, err: str) -> str:
+    """The one `opdlab CMD:` line of a failed command's stderr, after checking nothing else is there."""
     assert "[y/N]" not in out + err, "an interactive prompt was shown (trust_remote_code left unset?)"
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith(f"opdlab {argv[0]}:")]
