@@ -74,8 +74,10 @@ def read_rows(path: Path, key: str, start: int, stop: int) -> torch.Tensor:
     nbytes = (stop - start) * row_elems * itemsize
     fd = os.open(path, os.O_RDONLY)
     try:
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+        # A torch buffer, not a bytearray: large blocks then come from torch's allocator (which
+        # backs them with huge pages when THP_MEM_ALLOC_ENABLE is set, see opdlab/__main__.py).
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
         done = 0
         while done < nbytes:  # pread may return short reads on some filesystems
             got = os.preadv(fd, [view[done:]], offset + start * row_elems * itemsize + done)
@@ -84,7 +86,7 @@ def read_rows(path: Path, key: str, start: int, stop: int) -> torch.Tensor:
             done += got
     finally:
         os.close(fd)
-    t = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+    t = buf.view(dtype) if nbytes else torch.empty(0, dtype=dtype)
     return t.reshape(row_shape if len(shape) <= 1 else (stop - start, *row_shape))
 
 

@@ -44,18 +44,21 @@ def reconstructions(w_block: torch.Tensor, v: torch.Tensor, ranks: list[int]) ->
         v: right singular vectors of W (n×≥max(ranks)), columns by descending singular value.
     Yields:
         |W_r| row blocks (b×n, fp32), one per rank, computed as running sums of
-        (W V_[a:b]) V_[a:b]ᵀ so the total cost is one product of rank max(ranks).
+        (W V_[a:b]) V_[a:b]ᵀ so the total cost is one product of rank max(ranks). The
+        yielded tensor is one buffer, overwritten by the next rank: use it before asking
+        for the next (a fresh 17 MB tensor per rank costs page faults, and memory).
     """
     if not ranks:
         return
     vf = v[:, : max(ranks)].to(w_block.dtype)
     proj = w_block @ vf  # b×r_max = U_r S_r restricted to these rows
     rec = torch.zeros_like(w_block)
+    out = torch.empty_like(w_block)
     prev = 0
     for r in ranks:
         rec.addmm_(proj[:, prev:r], vf[:, prev:r].T)
         prev = r
-        yield rec.abs()
+        yield torch.abs(rec, out=out)
 
 
 def magnitude_ratios(sums: dict[str, float]) -> dict[str, float]:

@@ -44,7 +44,8 @@ from opdlab.analysis.metrics_subspace import RHOS, subspace_sums_direct, subspac
 from opdlab.analysis.precision import precision_counts
 from opdlab.analysis.selection import TopKSum, select_sums
 
-BLOCK_ELEMS = 1 << 23  # 8.4 M entries: 32 MB per fp32 block; larger tensors are streamed
+BLOCK_ELEMS = 1 << 23  # tensors up to 8.4 M entries are held whole (32 MB per fp32 copy); larger ones are streamed
+STREAM_BLOCK_ELEMS = 1 << 22  # in row blocks of at most 4.2 M entries (16 MB per fp32 copy)
 GRAM_CHUNK_ELEMS = 1 << 20  # rows converted to fp64 at a time for D (8 MB each)
 SYM_GRAM_MIN = 256  # symmetric Grams at least this wide are built block-triangularly (5/8 of the work)
 FP32_GRAM_MIN = 256  # tall frames at least this wide factor W in fp32 (below, fp64 costs next to nothing)
@@ -80,21 +81,21 @@ class _Block:
     """One row block: W in the analysis dtype, W and Δ in fp32, and what is derived from them once."""
 
     def __init__(self, w: torch.Tensor, w2: torch.Tensor, device: str, shape: tuple[int, ...]) -> None:
-        self.w = w.to(device).reshape(shape)
-        self.w32 = self.w.to(torch.float32)
+        w = w.to(device).reshape(shape)
+        self.w_abs = w.abs()  # in the analysis dtype: bf16 |W| needs one selection pass only
+        self.w32 = w.to(torch.float32)
         self.d = w2.to(device=device, dtype=torch.float32).reshape(shape) - self.w32
         self.changed = self.d != 0  # U (atol 0)
         nz = self.d[self.changed]
         self.nz_abs = nz.abs()  # |Δ| of the changed entries: zeros carry no energy and sort last
         self.nz_sq = nz.double().square()  # exact squares of fp32 Δ
-        self.w_abs = self.w.abs()  # in the analysis dtype: bf16 |W| needs one selection pass only
 
 
 def _counts_without_rms(b: _Block) -> dict[str, float]:
     """Changed counts, |Δ| < ε counts and exact zeros of W (all thresholds positive: zeros count below)."""
     a, zeros = b.nz_abs, float(b.d.numel() - b.nz_abs.numel())
     out = {"changed": float(a.numel()), f"changed_atol_{fmt(ATOL_LOOSE)}": float(torch.count_nonzero(a > ATOL_LOOSE)),
-           "source_zero": float(b.w.numel() - torch.count_nonzero(b.w))}
+           "source_zero": float(b.w32.numel() - torch.count_nonzero(b.w32))}
     for e in EPSILONS:
         out[f"n_below_eps_{fmt(e)}"] = zeros + float(torch.count_nonzero(a < e))
     return out
@@ -173,8 +174,8 @@ def analyze_tensor(spec: TensorSpec, exact_svd_max: int = 1024, device: str = "c
     randomized = is_matrix and min(rows, cols) > exact_svd_max
     transposed = is_matrix and rows < cols
     # Row blocks only stream the tall frame; wide and randomized matrices are read whole.
-    whole = (not is_matrix) or transposed or randomized
-    ranges = [(0, rows)] if whole else row_ranges(rows, cols, block_elems)
+    whole = (not is_matrix) or transposed or randomized or numel <= block_elems
+    ranges = [(0, rows)] if whole else row_ranges(rows, cols, min(block_elems, STREAM_BLOCK_ELEMS))
     streamed = len(ranges) > 1
     kept: list[_Block] = []
 

@@ -78,10 +78,12 @@ class TopKSum:
         return hist.flip(0) if self.largest else hist
 
     # -- pass 1: histogram of the high 16 bits
-    def add_pass1(self, values: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+    def add_pass1(self, values: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor | None = None,
+                  hi: torch.Tensor | None = None) -> None:
+        """Histogram one block (`keys`/`hi`: its `_keys` and their high 16 bits, if computed already)."""
         self.all_bf16 = self.all_bf16 and values.dtype == torch.bfloat16
         keys = _keys(values) if keys is None else keys
-        counts, weights = _hist(keys >> 16, weight)
+        counts, weights = _hist(keys >> 16 if hi is None else hi, weight)
         if self.count1 is None:
             self.count1, self.weight1 = counts, weights
         else:
@@ -125,12 +127,13 @@ class TopKSum:
         return bool(self.buckets())
 
     # -- pass 2: histogram of the low 16 bits inside each k's bucket
-    def add_pass2(self, values: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+    def add_pass2(self, values: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor | None = None,
+                  hi: torch.Tensor | None = None) -> None:
         buckets = self.buckets()
         if not buckets:
             return
         keys = _keys(values) if keys is None else keys
-        hi = keys >> 16
+        hi = keys >> 16 if hi is None else hi
         flat_w = weight.reshape(-1)
         for bucket in buckets:
             idx = (hi == bucket).nonzero().squeeze(1)  # one scan of the mask, then small gathers
@@ -166,6 +169,7 @@ def select_sums(values: torch.Tensor, weight: torch.Tensor, ks: list[int], large
     """`TopKSum` on one in-memory tensor: both passes, keys computed once."""
     sel = TopKSum(ks, largest, clamp_k)
     keys = _keys(values)
-    sel.add_pass1(values, weight, keys)
-    sel.add_pass2(values, weight, keys)
+    hi = keys >> 16
+    sel.add_pass1(values, weight, keys, hi)
+    sel.add_pass2(values, weight, keys, hi)
     return sel.result()
