@@ -156,3 +156,17 @@ def test_unsupported_reasons_name_the_obstacle():
     handle.remove()
     model.config._attn_implementation = "eager"
     assert "eager" in unsupported_reason(model)
+
+
+def test_large_models_skip_the_weight_concatenation_and_match_too(monkeypatch):
+    """Above `FUSE_MAX_BYTES` the projections stay separate products: still generate's logits bit for bit."""
+    import opdlab.distill.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "FUSE_MAX_BYTES", 0)
+    model = tiny("qwen2", kv_heads=2)
+    ids, attn = prompts(5, 6, padded=True)
+    ref = reference(model, ids, attn, 8)
+    seen = []
+    out = decode(model, ids, attn, max_new_tokens=8, eos_ids=[EOS], pad_id=PAD,
+                 pick=lambda logits, p: seen.append(logits.clone()) or greedy_pick(logits, p))
+    assert torch.equal(out, ref.sequences) and all(torch.equal(a, b) for a, b in zip(seen, ref.logits))

@@ -15,8 +15,9 @@ How:
 2. The prompt keys and values are copied once into preallocated buffers of the final length
    (prompt + `max_new_tokens`); each decode step writes one column and attends to a view of the
    filled part, so nothing is reallocated or copied per token.
-3. Each decode step is one function over the layer weights: the query/key/value projections as one
-   matrix product (their weights concatenated once per call), gate/up as one, and the same
+3. Each decode step is one function over the layer weights: for small models the query/key/value
+   projections as one matrix product (their weights concatenated once per call, while that copy is
+   under `FUSE_MAX_BYTES`), gate/up as one; the same
    elementwise operations, in the same order, as the transformers modules (RMSNorm in float32,
    rotary embedding, SDPA with the padding mask, SiLU-gated MLP). Rotary cos/sin for every step
    come from the model's own rotary module, computed once.
@@ -94,21 +95,32 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class _Layer:
-    """One decoder layer's weights, with q/k/v and gate/up concatenated for one product each."""
+# Concatenating q/k/v and gate/up copies those weights once per `decode` call: worth it while the copy
+# is small next to the per-product overhead it saves (small models), not for large ones.
+FUSE_MAX_BYTES = 32 * 2**20
 
-    def __init__(self, layer: Any, per_head_norm: bool) -> None:
+
+def _cat(parts: list[Tensor | None], fuse: bool) -> list[Tensor | None]:
+    """[one concatenated tensor] when fusing, else the parts themselves (None for absent biases)."""
+    if any(p is None for p in parts):
+        if not all(p is None for p in parts):
+            raise ValueError("projections with and without bias")
+        return [None] if fuse else list(parts)
+    return [torch.cat(parts)] if fuse else list(parts)
+
+
+class _Layer:
+    """One decoder layer's weights; with `fuse`, q/k/v and gate/up concatenated for one product each."""
+
+    def __init__(self, layer: Any, per_head_norm: bool, fuse: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.qkv_w = torch.cat([p.weight for p in projections])
-        biases = [p.bias for p in projections]
-        self.qkv_b = torch.cat(biases) if all(b is not None for b in biases) else None
-        if any(b is not None for b in biases) and self.qkv_b is None:
-            raise ValueError("q/k/v projections with and without bias")
+        self.qkv_w = _cat([p.weight for p in projections], fuse)
+        self.qkv_b = _cat([p.bias for p in projections], fuse)
         self.split = [p.out_features for p in projections]
         self.o_w, self.o_b = attn.o_proj.weight, attn.o_proj.bias
-        self.gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self.gate_up_b = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if mlp.gate_proj.bias is not None else None
+        self.gate_up_w = _cat([mlp.gate_proj.weight, mlp.up_proj.weight], fuse)
+        self.gate_up_b = _cat([mlp.gate_proj.bias, mlp.up_proj.bias], fuse)
         self.intermediate = mlp.gate_proj.out_features
         self.down_w, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
         self.norm1 = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
@@ -118,6 +130,13 @@ class _Layer:
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
+
+
+def _products(x: Tensor, weights: list[Tensor | None], biases: list[Tensor | None], widths: list[int]) -> list[Tensor]:
+    """x times each projection: one product split by `widths` (fused weights), or one product each."""
+    if len(weights) == 1:
+        return list(F.linear(x, weights[0], biases[0]).split(widths, dim=-1))
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, layer: _Layer) -> Tensor:
@@ -140,7 +159,11 @@ class _Decoder:
     def __init__(self, model: Any, per_head_norm: bool) -> None:
         core = model.model
         self.core, self.lm_head = core, model.lm_head
-        self.layers = [_Layer(layer, per_head_norm) for layer in core.layers[: model.config.num_hidden_layers]]
+        layers = core.layers[: model.config.num_hidden_layers]
+        fused_bytes = sum(p.weight.numel() * p.weight.element_size() for layer in layers
+                          for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                    layer.mlp.gate_proj, layer.mlp.up_proj))
+        self.layers = [_Layer(layer, per_head_norm, fused_bytes <= FUSE_MAX_BYTES) for layer in layers]
         self.norm = (core.norm.weight, core.norm.variance_epsilon)
 
     def start(self, cache: Any, capacity: int, mask_BP: Tensor | None, positions_BS: Tensor, repeats: int = 1) -> None:
@@ -179,8 +202,7 @@ class _Decoder:
         for i, layer in enumerate(self.layers):
             residual = h
             x = _rms_norm(h, *layer.norm1)
-            qkv = F.linear(x, layer.qkv_w, layer.qkv_b)
-            q, k, v = qkv.split(layer.split, dim=-1)
+            q, k, v = _products(x, layer.qkv_w, layer.qkv_b, layer.split)
             d = layer.head_dim
             q, k, v = q.view(batch, 1, -1, d), k.view(batch, 1, -1, d), v.view(batch, 1, -1, d)
             if layer.q_norm is not None:
@@ -194,7 +216,7 @@ class _Decoder:
             h = residual + F.linear(a.reshape(batch, 1, -1).contiguous(), layer.o_w, layer.o_b)
             residual = h
             x = _rms_norm(h, *layer.norm2)
-            gate, up = F.linear(x, layer.gate_up_w, layer.gate_up_b).split(layer.intermediate, dim=-1)
+            gate, up = _products(x, layer.gate_up_w, layer.gate_up_b, [layer.intermediate] * 2)
             h = residual + F.linear(F.silu(gate) * up, layer.down_w, layer.down_b)
         self.filled = t + 1
         h = _rms_norm(h, *self.norm)
