@@ -45,6 +45,8 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
                                "--out", str(results / "analysis_small.json")]],
             "masked": [py + [str(BENCH / "bench_masked_training.py"), "--size", "tiny", "--densities", "0.2",
                              "--trials", "1", "--steps", "1", "--warmup", "0", "--out", str(results / "masked_training.json")]],
+            "step": [py + [str(BENCH / "bench_step.py"), "--prompts", "2", "--samples", "2", "--max-new-tokens", "4",
+                           "--rounds", "1", "--out", str(results / "step_pair.json")]],
         }
     return {
         "train": [py + [str(BENCH / "bench_train.py"), *tools, "--out", str(results / "train.json")]],
@@ -57,12 +59,17 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
         ],
         "analysis": [py + [str(BENCH / "bench_analysis.py"), *reference, "--out", str(results / "analysis.json")]],
         "masked": [py + [str(BENCH / "bench_masked_training.py"), "--out", str(results / "masked_training.json")]],
+        "step": [
+            py + [str(BENCH / "bench_step.py"), "--run-steps", "30", "--out", str(results / "step_pair.json")],
+            py + [str(BENCH / "bench_step.py"), "--student", "smollm2-135m-instruct", "--prompts", "4", "--samples", "1",
+                  "--max-new-tokens", "16", "--rounds", "1", "--out", str(results / "step_smollm2-135m-instruct.json")],
+        ],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="comma-separated subset of: train, profile, optimizer, analysis, masked")
+    ap.add_argument("--only", default=None, help="comma-separated subset of: train, profile, optimizer, analysis, masked, step")
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run, not numbers to report)")
     ap.add_argument("--results", default=str(BENCH / "results"), help="folder for the JSON results")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")

@@ -61,6 +61,17 @@ def test_profile_train_tiny(tmp_path: Path) -> None:
     assert report["step_s_from_metrics"] > 0 and report["top_own_time"]
 
 
+def test_bench_step_smallest(tmp_path: Path) -> None:
+    import bench_step
+
+    report = bench_step.main(["--prompts", "2", "--samples", "2", "--max-new-tokens", "4", "--rounds", "1",
+                              "--precisions", "fp32", "--out", str(tmp_path / "s.json")])
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["benchmark"] == "step" and saved["machine"]["date"]
+    assert set(report["timings"]["roll out, fp32"]) == {"fast (distill/decode.py)", "generate"}
+    assert all(v["cpu_s_median"] > 0 for part in report["timings"].values() for v in part.values())
+
+
 def test_bench_optimizer_tiny(tmp_path: Path) -> None:
     import bench_optimizer
 
