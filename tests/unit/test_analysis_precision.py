@@ -37,12 +37,7 @@ from opdlab.analysis.per_tensor import TensorSpec, analyze_tensor
 EXACT, SIZE, SPECTRUM, ENERGY, DRIFT, ROTATION, PRINCIPAL_MASK = 1e-12, 1e-7, 1e-9, 1e-5, 1e-3, 2e-3, 2e-3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(shape: tuple[int, int], scale: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

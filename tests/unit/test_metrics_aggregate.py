@@ -8,13 +8,7 @@ from opdlab.analysis.pairs import canonical_name
 from opdlab.analysis.per_tensor import TensorSpec, analyze_tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP barrier waits on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name, expect", [

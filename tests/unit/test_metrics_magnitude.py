@@ -10,13 +10,7 @@ from opdlab.analysis.metrics_magnitude import mask_size, reconstructions
 from opdlab.analysis.per_tensor import TensorSpec, analyze_tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP barrier waits on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(w: torch.Tensor, w2: torch.Tensor, name: str = "model.layers.0.mlp.up_proj.weight") -> TensorSpec:

@@ -6,13 +6,7 @@ import torch
 from opdlab.analysis.metrics_subspace import rho_k, subspace_ratios, subspace_sums_direct, subspace_sums_gram
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP barrier waits on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gram_route(w: torch.Tensor, d: torch.Tensor) -> dict:

@@ -10,7 +10,6 @@ the file and the field. Only the safetensors headers are read (no weights).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from opdlab.errors import UserError
-from opdlab.fileio import shard_files
+from opdlab.fileio import read_json, shard_files
 
 # Sizes that must be positive integers where a config.json has them (Llama/Qwen names, then GPT-2's).
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -30,17 +29,11 @@ POSITION_MODULES = ("wpe", "embed_positions", "position_embeddings")
 
 
 def read_config(folder: Path, role: str) -> dict[str, Any]:
-    """config.json of a model folder as a JSON object, or a UserError naming it."""
-    path = folder / "config.json"
+    """config.json of a model folder as a JSON object, or a UserError naming it (and the flag)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--{role} {path}: not valid JSON (line {exc.lineno}); re-save the model") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"--{role} {path}: not UTF-8 text (byte {exc.start}); re-save the model") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--{role} {path}: must hold a JSON object, not a {type(config).__name__}; re-save the model")
-    return config
+        return read_json(folder / "config.json", "re-save the model")
+    except UserError as exc:
+        raise UserError(f"--{role} {exc}") from None
 
 
 def check_model_config(folder: Path, role: str) -> None:
