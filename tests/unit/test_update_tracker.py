@@ -74,3 +74,22 @@ def test_packed_mask_round_trip_and_bad_header(tmp_path):
     save_file({"a": torch.zeros(5, dtype=torch.uint8)}, str(tmp_path / "bad.safetensors"), metadata={"packing": "bits"})
     with pytest.raises(UserError, match="no valid 'shapes'"):
         M.load_mask(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 29, 64])
+def test_streamed_counts_equal_the_whole_tensor_reference_across_block_edges(monkeypatch, n):
+    from opdlab.subnet import update_tracker as U
+
+    monkeypatch.setattr(U, "BLOCK", 8)  # several blocks, the last one partial
+    g = torch.Generator().manual_seed(n)
+    source = torch.randn(n, generator=g)
+    current = source + (torch.rand(n, generator=g) < 0.4) * torch.randn(n, generator=g) * 0.1
+    previous = torch.rand(n, generator=g) < 0.5
+    want, want_mask = tensor_counts(source.bfloat16(), current.bfloat16(), previous)
+    got, packed = U.streamed_counts(source, current, M.pack_bits(previous))
+    assert torch.equal(M.unpack_bits(packed, n), want_mask)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    again, _ = U.streamed_counts(source, current, None, source_sq=123.0)
+    assert again["source_sq"] == 123.0 and "both" not in again

@@ -26,16 +26,19 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from opdlab.analysis.aggregate import classify
 from opdlab.analysis.metrics_sparsity import changed_mask, update
 from opdlab.analysis.pairs import Checkpoint, canonical_name
 from opdlab.errors import UserError
-from opdlab.subnet.masks import load_mask, pack_bits, save_packed_mask, unpack_bits
+from opdlab.subnet.masks import load_mask, pack_bits, save_packed_mask
 
 ANALYSIS_DTYPE = torch.bfloat16
 COUNTS = ("numel", "changed", "delta_sq", "source_sq", "both", "either")
+BLOCK = 1 << 20  # coordinates per streamed block (a multiple of 8, so blocks pack into whole bytes)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 def tensor_counts(source: torch.Tensor, current: torch.Tensor,
@@ -54,6 +57,44 @@ def tensor_counts(source: torch.Tensor, current: torch.Tensor,
         counts["both"] = float((changed & previous).sum())
         counts["either"] = float((changed | previous).sum())
     return counts, changed
+
+
+def streamed_counts(source: torch.Tensor, current: torch.Tensor, previous_packed: torch.Tensor | None,
+                    source_sq: float | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """`tensor_counts` in blocks of BLOCK coordinates, with the changed mask returned bit-packed.
+
+    source, current: same shape, any float dtype (each block is cast to the analysis dtype, bf16);
+    previous_packed: the last measurement's packed mask (`pack_bits` order) or None; source_sq: ΣW0²
+    when already known (it does not change during a run). Same counts as `tensor_counts` (ΣΔ² is
+    summed per block in fp32 and across blocks in fp64), without whole-tensor temporaries: on
+    SmolLM2-135M this is what keeps a measurement cheap next to a training step.
+    """
+    src, cur = source.reshape(-1), current.reshape(-1)
+    n = src.numel()
+    packed = np.empty((n + 7) // 8, dtype=np.uint8)
+    changed = delta_sq = both = either = 0.0
+    known_sq = source_sq is not None
+    sq = source_sq or 0.0
+    for i in range(0, n, BLOCK):
+        s = src[i:i + BLOCK].to(ANALYSIS_DTYPE)
+        c = cur[i:i + BLOCK].to(ANALYSIS_DTYPE)
+        # |fp32(c) - fp32(s)| > 0 is c != s for bf16 values (+0 == -0 in both); a NaN counts as unchanged
+        # in the analysis, and is refused by the training guards before a measurement sees it.
+        mask = c != s
+        bits = np.packbits(mask.numpy(), bitorder="little")
+        packed[i // 8:i // 8 + bits.size] = bits
+        changed += float(mask.sum())
+        d = c.to(torch.float32) - s.to(torch.float32)
+        delta_sq += float(torch.dot(d, d))
+        if not known_sq:
+            s32 = s.to(torch.float32)
+            sq += float(torch.dot(s32, s32))
+    packed_t = torch.from_numpy(packed)
+    counts = {"numel": float(n), "changed": changed, "delta_sq": delta_sq, "source_sq": sq}
+    if previous_packed is not None:
+        counts["both"] = float(_POPCOUNT[(packed_t & previous_packed).long()].sum())
+        counts["either"] = float(_POPCOUNT[(packed_t | previous_packed).long()].sum())
+    return counts, packed_t
 
 
 def rows_from_counts(groups: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -88,6 +129,7 @@ class UpdateTracker:
                 raise UserError(f"{self.source.path}: tensor '{canon}' has shape {list(self.source.shape(canon))} "
                                 f"but the student's is {list(p.shape)}; set run.track_update_every=0")
         self._previous: dict[str, torch.Tensor] | None = None  # canonical name -> packed changed mask
+        self._source_sq: dict[str, float] = {}  # canonical name -> ΣW0² (fp64), taken at the first measurement
 
     def resume_from(self, mask_file: Path) -> None:
         """Take the changed masks of an earlier measurement (a snapshot file) as the previous ones."""
@@ -102,18 +144,15 @@ class UpdateTracker:
         shapes: dict[str, list[int]] = {}
         for name, p in self.params:
             canon = canonical_name(name)
-            current = p.detach().to("cpu", ANALYSIS_DTYPE)
-            source = self.source.get(canon, ANALYSIS_DTYPE)
-            previous = None
-            if self._previous is not None and canon in self._previous:
-                previous = unpack_bits(self._previous[canon], current.numel()).view(current.shape)
-            counts, changed = tensor_counts(source, current, previous)
+            previous = self._previous.get(canon) if self._previous is not None else None
+            counts, packed[canon] = streamed_counts(self.source.get(canon), p.detach().to("cpu"), previous,
+                                                    self._source_sq.get(canon))
+            self._source_sq[canon] = counts["source_sq"]
             for block in ("", classify(canon)[2]):
                 acc = groups.setdefault(block, {})
                 for key, value in counts.items():
                     acc[key] = acc.get(key, 0.0) + value
-            packed[canon] = pack_bits(changed)
-            shapes[canon] = list(changed.shape)
+            shapes[canon] = list(p.shape)
         row = rows_from_counts(groups)
         if self.masks_dir is not None:
             meta = {"kind": "update", "density": repr(row["update/changed_fraction"]), "source": str(self.source.path),
