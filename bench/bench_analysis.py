@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pair", default=None, help="reuse a pair generated before (folder with base/ and tuned/)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs of both sides in the work folder")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/analysis[_small].json)")
+    ap.add_argument("--generate-only", default=None, metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.generate_only:  # the child that writes the pair (see below)
+        generate_pair(Path(args.generate_only), args.size)
+        return {}
     reference = Path(args.reference).resolve() if args.reference else None
     if reference is not None and not reference.is_file():
         ap.error(f"--reference {args.reference}: no such file (pass the path of analyze_opd_delta.py)")
@@ -141,7 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pair:
         base, tuned = Path(args.pair) / "base", Path(args.pair) / "tuned"
     else:
-        base, tuned = generate_pair(root, args.size)
+        # In a child process: a child's peak RSS starts from its parent's RSS at fork (Linux keeps the
+        # high-water mark across exec), so a parent that had held the generated weights would inflate it.
+        run_child([sys.executable, str(Path(__file__).resolve()), "--generate-only", str(root), "--size", args.size])
+        base, tuned = root / "base", root / "tuned"
     gen_s = time.perf_counter() - t
     ckpt_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
     shapes = qwen2_shapes(args.size)

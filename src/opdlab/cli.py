@@ -76,15 +76,17 @@ FLAGS: dict[str, tuple[type, str, list[str | Flag]]] = {
         Flag("path", positional=True, metavar="DIR"), "out"]),
     "zoo": (C.ZooConfig, "the built-in tiny teacher/student pairs and the shipped real model", [
         Flag("action", positional=True), Flag("name", positional=True, nargs="?"), "rebuild"]),
-    "experiment": (C.ExperimentConfig, "the subnetwork-retraining and optimizer experiments", [
+    "experiment": (C.ExperimentConfig, "the subnetwork-retraining, mask-discovery and optimizer experiments", [
         Flag("kind", positional=True), Flag("out", required=True), "preset", "overwrite", "resume", "mask_atol",
-        "mask_dtype", "top_update_mask", Flag("adamw_lrs", metavar="LR"), Flag("sgd_lrs", metavar="LR"),
+        "mask_dtype", "top_update_mask", Flag("discovery_fractions", metavar="F"), "discovery_every",
+        Flag("adamw_lrs", metavar="LR"), Flag("sgd_lrs", metavar="LR"),
         Flag("sgd_momentum_lrs", metavar="LR"), "sgd_momentum", Flag("evidence_methods", metavar="METHOD")]),
     "study": (C.StudyConfig, "the whole study on one pair: main run, baselines, subnetworks, optimizers, report", [
         "student", "teacher", "prompts", "task", "method", Flag("out", required=True),
         Flag("preset", shortcuts=("quick", "full")), "overwrite", "resume", Flag("arms", metavar="PART"), "seeds",
-        "rl_samples_per_prompt", "mask_atol", "mask_dtype", "top_update_mask", Flag("adamw_lrs", metavar="LR"),
-        Flag("sgd_lrs", metavar="LR"), Flag("sgd_momentum_lrs", metavar="LR"), "sgd_momentum", "share_start_eval", "prune"]),
+        "rl_samples_per_prompt", "mask_atol", "mask_dtype", "top_update_mask", Flag("discovery_fractions", metavar="F"),
+        "track_update_every", Flag("adamw_lrs", metavar="LR"), Flag("sgd_lrs", metavar="LR"),
+        Flag("sgd_momentum_lrs", metavar="LR"), "sgd_momentum", "share_start_eval", "prune"]),
 }
 # Flags that are not config fields: how the config is read, and how the process runs.
 CONFIG_FILE_COMMANDS = ("distill", "experiment", "study")  # --config FILE and --set KEY=VALUE

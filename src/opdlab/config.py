@@ -390,9 +390,10 @@ class DemoConfig:
 class ExperimentConfig:
     """`opdlab experiment subnetwork | optimizers`: the study's two training experiments."""
 
-    kind: Literal["subnetwork", "optimizers"] = "subnetwork"
+    kind: Literal["subnetwork", "optimizers", "mask-discovery"] = "subnetwork"
     """subnetwork (full OPD, then retrain only its updated coordinates, and a random mask of matched
-    density) or optimizers (AdamW vs SGD with and without momentum, each with a learning-rate sweep)."""
+    density), optimizers (AdamW vs SGD with and without momentum, each with a learning-rate sweep) or
+    mask-discovery (retrain on masks found early in the full run, from the source alone, or at random)."""
     out: str = "experiment"
     """experiment folder."""
     preset: Literal["quick", "default", "full"] | None = None
@@ -408,6 +409,12 @@ class ExperimentConfig:
     top_update_mask: bool = False
     """subnetwork experiment: also retrain on the coordinates of the largest fp32 update, at the subnetwork
     mask's per-tensor density (does the mask carry more than update size?)."""
+    discovery_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    """mask-discovery: fractions of the full run's steps at which its changed mask is taken (each at the first
+    tracked step at or after it; the final mask is always an arm)."""
+    discovery_every: int = 0
+    """mask-discovery: measure the full run's update (and save its mask) every this many steps; 0 = about a tenth
+    of the run (run.track_update_every, run.save_update_masks)."""
     adamw_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
     """learning rates swept for AdamW (optimizers experiment)."""
     sgd_lrs: list[float] = field(default_factory=lambda: [1e-2, 1e-1, 1.0])
@@ -429,11 +436,13 @@ class ExperimentConfig:
         check(bool(self.adamw_lrs) and bool(self.sgd_lrs), "adamw_lrs/sgd_lrs", "must not be empty")
         check(0 <= self.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
         check(self.mask_atol >= 0, "mask_atol", "must be >= 0")
+        check(all(0 < f < 1 for f in self.discovery_fractions), "discovery_fractions", "must lie strictly between 0 and 1")
+        check(self.discovery_every >= 0, "discovery_every", "must be >= 0")
         bad = [m for m in self.evidence_methods if m not in ("opd", "sft", "rl")]
         check(not bad, "evidence_methods", "may only hold opd, sft, rl")
 
 
-STUDY_ARMS = ("seeds", "sft", "rl", "subnetwork", "optimizers", "compare", "lr_sweep")
+STUDY_ARMS = ("seeds", "sft", "rl", "subnetwork", "optimizers", "compare", "lr_sweep", "mask_discovery")
 
 
 @dataclass
@@ -473,6 +482,11 @@ class StudyConfig:
     """dtype in which the main run's update is compared to find the subnetwork."""
     top_update_mask: bool = True
     """subnetwork arm: also retrain on the fp32 largest-update coordinates at the mask's per-tensor density."""
+    discovery_fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    """mask_discovery arm: fractions of the main run's steps at which its changed mask is taken."""
+    track_update_every: int = 0
+    """measure the update of the main run, its seeds and baselines every this many steps (run.track_update_every;
+    the main run also saves its masks); 0 = off, unless mask_discovery needs it (then about a tenth of the run)."""
     adamw_lrs: list[float] = field(default_factory=lambda: [1e-6, 3e-6])
     """AdamW learning rates of the optimizer comparison (at least 2; one equal to train.optim.lr reuses the main
     run)."""
@@ -502,6 +516,10 @@ class StudyConfig:
               "adamw_lrs/sgd_lrs/sgd_momentum_lrs", "must be positive")
         check(self.mask_atol >= 0, "mask_atol", "must be >= 0")
         check(0 <= self.sgd_momentum < 1, "sgd_momentum", "must be in [0, 1)")
+        check(all(0 < f < 1 for f in self.discovery_fractions), "discovery_fractions", "must lie strictly between 0 and 1")
+        check(self.track_update_every >= 0, "track_update_every", "must be >= 0")
+        check("mask_discovery" not in self.arms or "subnetwork" in self.arms, "arms",
+              "mask_discovery reuses the subnetwork arm's final and random masks; add subnetwork")
 
 
 # ----------------------------------------------------------------------------- checks

@@ -111,3 +111,15 @@ def test_bench_masked_training_tiny(tmp_path: Path) -> None:
     for config in ("dense", "0.2"):
         (run,) = report["runs"][config]
         assert run["steps"] and run["peak_rss_mb"] >= run["rss_at_start_mb"] > 0
+
+
+@pytest.mark.slow  # a 4-step training run
+def test_bench_telemetry_tiny(tmp_path: Path) -> None:
+    import bench_telemetry
+
+    out = tmp_path / "telemetry.json"
+    report = bench_telemetry.main(["--steps", "4", "--every", "2", "--out", str(out)])
+    (run,) = report["runs"].values()
+    assert run["steps"] == 4 and run["tracked_steps"] == 2 and run["masks_saved"]
+    assert 0 < run["cost_fraction"] == pytest.approx(run["tracking_s"] / run["step_s"], rel=1e-3)
+    assert json.loads(out.read_text())["summary"]["runs"] == 1

@@ -92,3 +92,36 @@ def test_optimizer_experiment_keeps_self_distillation(pair, tmp_path):
     for row in result["sweep"]:
         info = json.loads((out / row["run_dir"] / "run.json").read_text())  # paths are relative to the file
         assert info["method"] == "opsd" and info["teacher"] == info["student"]
+
+
+def test_mask_discovery_experiment_trains_every_arm_at_the_final_density(pair, tmp_path):
+    out = tmp_path / "md"
+    extra = ["--set", "discovery_fractions=[0.5]", "--set", "discovery_every=2"]
+    assert main(["experiment", "mask-discovery", "--out", str(out), *_settings(pair, steps=4), *extra]) == 0
+    result = json.loads((out / "mask_discovery.json").read_text())
+    assert result["kind"] == "mask-discovery" and result["snapshot_steps"] == [2, 4]
+    assert list(result["arms"]) == ["step-2", "source", "final", "random"]
+    final, _ = load_mask(out / "masks" / "final.safetensors")
+    want = {k: int(v.sum()) for k, v in final.items()}
+    for name, row in result["arms"].items():
+        mask, _ = load_mask(out / row["mask"])
+        assert {k: int(v.sum()) for k, v in mask.items()} == want, name
+        assert row["accuracy"] is not None and row["reverse_kl_start"] == result["source"]["reverse_kl"], name
+    early = result["arms"]["step-2"]
+    assert 0 < early["snapshot_density"] and 0 < early["from_snapshot"] <= 1
+    assert result["arms"]["final"]["overlap_with_final"] == 1.0
+    assert 0 < early["overlap_chance"] < 1 and early["enrichment"] == pytest.approx(
+        early["overlap_with_final"] / early["overlap_chance"])
+    assert main(["experiment", "mask-discovery", "--out", str(out), "--resume", *_settings(pair, steps=4), *extra]) == 0
+
+
+def test_mask_discovery_refuses_a_full_run_without_snapshots(pair, tmp_path):
+    from opdlab.config import ExperimentConfig, load_config
+    from opdlab.errors import UserError
+    from opdlab.recipes.mask_discovery import run_mask_discovery
+
+    out = tmp_path / "sub"
+    assert main(["experiment", "subnetwork", "--out", str(out), *_settings(pair)]) == 0
+    cfg = load_config(ExperimentConfig, None, {"kind": "mask-discovery"})
+    with pytest.raises(UserError, match="no mask snapshots"):
+        run_mask_discovery(cfg, tmp_path / "md", full_run=out / "runs" / "full")

@@ -24,10 +24,11 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
 
 def study_yaml(tmp_path: Path) -> Path:
     config = {
-        "arms": ["seeds", "sft", "rl", "subnetwork", "optimizers", "compare", "lr_sweep"], "seeds": 2,
+        "arms": ["seeds", "sft", "rl", "subnetwork", "optimizers", "compare", "lr_sweep", "mask_discovery"], "seeds": 2,
+        "discovery_fractions": [0.25, 0.5],
         "rl_samples_per_prompt": 2, "mask_atol": 0.0, "adamw_lrs": [0.003, 0.01], "sgd_lrs": [0.1, 1.0, 10.0],
         "sgd_momentum_lrs": [0.01, 0.1, 1.0], "share_start_eval": True, "prune": True,
-        "train": {"run": {"steps": 2, "threads": 1, "save_every": 0}, "optim": {"lr": 0.003},
+        "train": {"run": {"steps": 4, "threads": 1, "save_every": 0}, "optim": {"lr": 0.003},
                   "rollout": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 6},
                   "data": {"task": "sort", "num_eval": 6}},
     }
@@ -49,7 +50,7 @@ def test_study_runs_every_stage_and_decides_from_its_files(pair, tmp_path, capsy
     stages = {s["name"]: s for s in manifest["stages"]}
     expected = {"opd", "opd-seed1", "sft", "rl", "analysis-opd", "analysis-opd-seed1", "analysis-sft", "analysis-rl",
                 "analysis-opd-fp32", "compare-opd-vs-rl", "compare-opd-vs-sft", "compare-sft-vs-rl",
-                "compare-opd-vs-opd-seed1", "subnetwork", "optimizers", "lr-sweep", "report"}
+                "compare-opd-vs-opd-seed1", "subnetwork", "mask-discovery", "optimizers", "lr-sweep", "report"}
     assert set(stages) == expected and all(s["status"] == "done" for s in stages.values())
     for s in stages.values():
         assert (out / s["path"]).exists(), s
@@ -71,6 +72,28 @@ def test_study_runs_every_stage_and_decides_from_its_files(pair, tmp_path, capsy
               for f in ("subnetwork.safetensors", "top_update.safetensors", "random.safetensors")]
     assert counts[0] == counts[1] == counts[2]
     assert sub["source"]["reverse_kl_se"] > 0 and sub["runs"]["random"]["reverse_kl_start"] == sub["source"]["reverse_kl"]
+
+    # telemetry: the main run and its baselines log the update; only the main run keeps mask snapshots
+    logged = [json.loads(line) for line in (out / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("update/changed_fraction" in r for r in logged)
+    assert sorted(p.name for p in (out / "runs" / "opd" / "masks").iterdir()) == [
+        "step-1.safetensors", "step-2.safetensors", "step-3.safetensors", "step-4.safetensors"]
+    assert not (out / "runs" / "sft" / "masks").exists()
+
+    # mask discovery: early masks (25 %, 50 % of 4 steps), the source-only mask, and the subnetwork arm's runs reused
+    md = json.loads((out / "experiments" / "mask_discovery" / "mask_discovery.json").read_text())
+    assert list(md["arms"]) == ["step-1", "step-2", "source", "final", "random"]
+    assert {k: r["cost_steps"] for k, r in md["arms"].items()} == {"step-1": 1, "step-2": 2, "source": 0, "final": 4,
+                                                                    "random": 0}
+    md_dir = out / "experiments" / "mask_discovery"
+    assert (md_dir / md["arms"]["final"]["run_dir"]).resolve() == (out / "experiments" / "subnetwork" / "runs" /
+                                                                    "subnetwork").resolve()
+    final_counts = counts[0]
+    for arm in ("step-1", "step-2", "source"):
+        got = {k: int(v.sum()) for k, v in load_mask(md_dir / md["arms"][arm]["mask"])[0].items()}
+        assert got == final_counts, arm
+        assert not (md_dir / md["arms"][arm]["run_dir"] / "masks").exists()  # arms keep no snapshots of their own
+    assert md["arms"]["final"]["overlap_with_final"] == 1.0
 
     # optimizers: AdamW at two lrs (the main run reused for its lr), SGD and SGD with momentum at three each
     opt = json.loads((out / "experiments" / "optimizers" / "optimizers.json").read_text())
@@ -94,6 +117,9 @@ def test_study_runs_every_stage_and_decides_from_its_files(pair, tmp_path, capsy
         assert "decided" in by_number[n]["caveat"]
     assert "top_update_mask" in by_number[3]["values"]
     assert (out / "report" / "report.html").is_file()
+    summary = json.loads((out / "report" / "findings.json").read_text())["mask_discovery"]
+    assert [r["arm"] for r in summary["arms"]] == list(md["arms"]) and summary["statement"]
+    assert "Early subnetwork discovery" in (out / "report" / "report.html").read_text()
 
     # resuming a finished study runs nothing again
     assert main(argv + ["--resume"]) == 0

@@ -131,7 +131,7 @@ def test_sample_indices_is_uniform():
     g = torch.Generator().manual_seed(0)
     hits = torch.zeros(20)
     for _ in range(2000):
-        idx = M._sample_indices(20, 6, g)
+        idx = M.sample_indices(20, 6, g)
         assert idx.numel() == 6 and idx.unique().numel() == 6
         hits[idx] += 1
     freq = hits / 2000

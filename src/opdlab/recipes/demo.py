@@ -13,6 +13,8 @@ From one source student (the zoo pair's), in `--out` (default `opdlab-demo/`):
   compare/<a>-vs-<b>               overlap of the update masks between runs, against chance
   experiments/subnetwork           retraining only the OPD subnetwork, the fp32 largest-update coordinates and a
                                    random mask of matched density
+  experiments/mask_discovery       (default, full) retraining on masks found after 10/25/50 % of the main run, on
+                                   the source's lowest-|W| coordinates, and the subnetwork arm's final and random masks
   experiments/optimizers           AdamW vs SGD (with and without momentum), each with a learning-rate sweep
   sweep/                           OPD at several step sizes: how much of "sparse" is bf16 storage rounding
   report/report.html               every finding with its evidence (`opdlab report` renders it again from files)
@@ -54,6 +56,7 @@ class Preset:
     sgd_lrs: list[float]  # SGD learning rates (with and without momentum)
     seeds: int = 1  # OPD runs with different seeds, for mask overlap across seeds
     eval_every: int = 0
+    discovery: bool = False  # the mask-discovery arm (early and source-only masks)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,10 +66,11 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(steps=30, lr=3e-4, prompts_per_step=16, samples_per_prompt=4, num_eval=128,
                     sweep_lrs=[1e-6, 1e-4, 3e-4], sgd_lrs=[0.01, 0.03, 0.1]),
     "default": Preset(steps=60, lr=1e-4, prompts_per_step=16, samples_per_prompt=4, num_eval=200,
-                      sweep_lrs=[1e-6, 1e-5, 1e-4, 1e-3], sgd_lrs=[0.01, 0.03, 0.1], seeds=2, eval_every=20),
+                      sweep_lrs=[1e-6, 1e-5, 1e-4, 1e-3], sgd_lrs=[0.01, 0.03, 0.1], seeds=2, eval_every=20,
+                      discovery=True),
     "full": Preset(steps=300, lr=3e-5, prompts_per_step=32, samples_per_prompt=4, num_eval=500,
                    sweep_lrs=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3], sgd_lrs=[0.003, 0.01, 0.03, 0.1, 0.3],
-                   seeds=3, eval_every=50),
+                   seeds=3, eval_every=50, discovery=True),
 }
 
 
@@ -88,7 +92,10 @@ def tiny_study(cfg: DemoConfig) -> StudyConfig:
     preset = PRESETS[cfg.preset]
     study = load_config(StudyConfig, None, {
         "out": cfg.out, "overwrite": cfg.overwrite, "resume": cfg.resume, "method": "opd",
-        "arms": ["seeds", "sft", "rl", "compare", "subnetwork", "optimizers", "lr_sweep"], "seeds": preset.seeds,
+        "arms": ["seeds", "sft", "rl", "compare", "subnetwork", "optimizers", "lr_sweep"]
+        + (["mask_discovery"] if preset.discovery else []), "seeds": preset.seeds,
+        # the update of the main run and its baselines, ten times per run (report: "how the update grows")
+        "track_update_every": max(1, preset.steps // 10),
         "rl_samples_per_prompt": preset.samples_per_prompt,
         # the mask is every bf16-changed coordinate (|Δ| > 0): on a model trained from scratch at large steps
         # nearly all of them move by far more than 1e-5

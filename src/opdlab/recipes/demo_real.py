@@ -14,6 +14,8 @@ distill/privileged.py). The default preset runs, from that source and the same p
   compare/                     mask overlaps (opsd vs rl, sft, the other seed; sft vs rl)
   experiments/subnetwork       retraining on the bf16 mask (|Δ| > 1e-5), the fp32 largest-update mask of
                                the same per-tensor density, and a random mask of that density
+  experiments/mask_discovery   retraining on the main run's changed mask after 2, 4 and 8 steps and on the
+                               source's lowest-|W| coordinates, at the final mask's per-tensor density
   experiments/optimizers       AdamW (2 lrs) vs SGD and SGD with momentum (3 lrs each)
   report/report.html           the findings, with the study's reported numbers beside them
 `--quick` trains only the main run (a first look in a few minutes).
@@ -24,7 +26,7 @@ the answer is in its prompt, so the privileged teacher knows something the stude
 
 Where this deviates from the study, and why:
 1. 135 M parameters and tens of steps instead of billions and hundreds: a training step takes
-   seconds on 2 cores, and the default preset has fourteen training runs to fit in about half an
+   seconds on 2 cores, and the default preset has eighteen training runs to fit in about half an
    hour. Accuracy on a few dozen held-out questions barely moves in so few steps; the verdicts of
    claims 3 and 4 then rest on the teacher-student reverse KL, with its standard error, and say so.
 2. The source weights are dequantized 4-bit values, not the bf16 release: see the report's
@@ -45,7 +47,8 @@ from opdlab.recipes.study import run_study
 
 MODEL = "smollm2-135m-instruct"
 TASK = "chat-subtraction"
-ALL_ARMS = ["seeds", "sft", "rl", "compare", "subnetwork", "optimizers"]
+ALL_ARMS = ["seeds", "sft", "rl", "compare", "subnetwork", "mask_discovery", "optimizers"]
+TRACK_EVERY = 2  # update telemetry (and the main run's mask snapshots) every 2 steps
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class RealPreset:
 REAL_PRESETS: dict[str, RealPreset] = {
     "quick": RealPreset(steps=8, prompts_per_step=4, num_eval=32, lr=3e-6, arms=[], adamw_lrs=[3e-6],
                         sgd_lrs=[], sgd_momentum_lrs=[], estimate="a few minutes (estimated from step times)"),
-    "default": RealPreset(steps=16, prompts_per_step=4, num_eval=64, lr=3e-6, arms=ALL_ARMS,
+    "default": RealPreset(steps=16, prompts_per_step=4, num_eval=128, lr=3e-6, arms=ALL_ARMS,
                           adamw_lrs=[1e-6, 3e-6], sgd_lrs=[3e-3, 3e-2, 3e-1], sgd_momentum_lrs=[3e-4, 3e-3, 3e-2],
                           estimate="about 35 min (estimated from step times; docs/real.md)"),
     "full": RealPreset(steps=100, prompts_per_step=8, num_eval=128, lr=1e-6, arms=ALL_ARMS,
@@ -99,7 +102,8 @@ def real_study(cfg: DemoConfig) -> StudyConfig:
     values: dict[str, Any] = {
         "out": cfg.out, "overwrite": cfg.overwrite, "resume": cfg.resume, "method": "opsd", "arms": preset.arms,
         "seeds": 2, "rl_samples_per_prompt": 2, "mask_atol": 1e-5, "mask_dtype": "bf16", "top_update_mask": True,
-        "adamw_lrs": preset.adamw_lrs, "share_start_eval": True, "prune": True}
+        "adamw_lrs": preset.adamw_lrs, "share_start_eval": True, "prune": True,
+        "track_update_every": TRACK_EVERY, "discovery_fractions": [0.1, 0.25, 0.5]}
     if preset.sgd_lrs:
         values |= {"sgd_lrs": preset.sgd_lrs, "sgd_momentum_lrs": preset.sgd_momentum_lrs}
     study = load_config(StudyConfig, None, values)

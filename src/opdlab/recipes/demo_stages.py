@@ -20,8 +20,9 @@ from opdlab.config import AnalyzeConfig, ReportConfig, load_config
 from opdlab.errors import UserError
 from opdlab.fileio import OUTPUT_MARKER, prepare_out_dir, read_json, write_json
 from opdlab.recipes.analyze import analyze
-from opdlab.recipes.experiment import final_eval
+from opdlab.recipes.arms import final_eval
 from opdlab.recipes.report import report
+from opdlab.report.claims_experiments import mask_discovery_summary
 from opdlab.report.discover import discover, findings_inputs
 from opdlab.report.findings import build_findings, format_table
 
@@ -183,7 +184,11 @@ def print_findings(findings_file: Path, runs: dict[str, Path]) -> None:
               f"KL {_fmt(e['reverse_kl_start'])} -> {_fmt(e['reverse_kl'])}")
     if findings_file.is_file():
         print("\nfindings (rules in docs/findings.md; evidence in the report)")
-        print(format_table(build_findings(findings_inputs(discover(findings_file.parent.parent)))))
+        found = discover(findings_file.parent.parent)
+        print(format_table(build_findings(findings_inputs(found))))
+        discovery = mask_discovery_summary(found.mask_discovery)
+        if discovery is not None:
+            print(f"\nearly subnetwork discovery: {discovery['statement']}")
 
 
 def _fmt(x: Any) -> str:

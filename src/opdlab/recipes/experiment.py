@@ -1,7 +1,8 @@
-"""`opdlab experiment subnetwork | optimizers`: the study's two training experiments.
+"""`opdlab experiment subnetwork | optimizers | mask-discovery`: the study's training experiments.
 
     opdlab experiment subnetwork --out runs/subnet                   # full OPD -> mask -> retrain (mask, random mask)
     opdlab experiment optimizers --out runs/optim --set "sgd_lrs=[0.1, 1.0]"
+    opdlab experiment mask-discovery --out runs/discovery            # masks found early (recipes/mask_discovery.py)
 
 subnetwork: (1) full OPD from the source; (2) the mask of coordinates it changed (|delta| > mask_atol
 in mask_dtype); (3) retrain from the source with only that mask trainable, same data order, seed
@@ -20,23 +21,20 @@ Every arm is a normal run folder under `runs/`; with `--resume`, finished arms a
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from opdlab.config import DistillConfig, ExperimentConfig, load_config, to_dict
-from opdlab.distill.checkpoint import finished_step, list_checkpoints, read_run_info
+from opdlab.config import DistillConfig, ExperimentConfig, load_config
+from opdlab.distill.checkpoint import list_checkpoints
 from opdlab.errors import UserError
-from opdlab.fileio import OUTPUT_MARKER, prepare_out_dir, read_json, read_jsonl, relative_path, write_json
-from opdlab.recipes.distill import distill
+from opdlab.fileio import OUTPUT_MARKER, prepare_out_dir, read_json, relative_path, write_json
+from opdlab.recipes.arms import EVAL_KEYS, final_eval, opd_arm, source_of, train_arm, trainable_fraction
+from opdlab.recipes.mask_discovery import run_mask_discovery
 from opdlab.subnet.evidence import second_moment_spread, weight_closeness
-from opdlab.subnet.masks import (
-    density, extract_mask, load_mask, mask_metadata, random_like, save_mask, top_update_like,
-)
+from opdlab.subnet.masks import extract_mask, load_mask, mask_metadata, random_like, save_mask, top_update_like
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `--preset`: overrides of ExperimentConfig, applied over --config and under --set (cli.to_config).
@@ -60,91 +58,9 @@ def experiment(cfg: ExperimentConfig) -> Path:
                                              "train.model.teacher": cfg.train.model.teacher})
     if cfg.kind == "subnetwork":
         return run_subnetwork(cfg, out)
+    if cfg.kind == "mask-discovery":
+        return run_mask_discovery(cfg, out)
     return run_optimizers(cfg, out)
-
-
-# ----------------------------------------------------------------------------- shared parts
-
-
-def train_arm(base: DistillConfig, run_dir: Path, overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
-    """One training run of an experiment: `base` plus dotted `overrides`, into `run_dir`.
-
-    A finished run already in `run_dir` (run.json status finished, final/ present) is kept; one with
-    a complete checkpoint is resumed from it; only an arm with nothing to continue from starts again.
-    """
-    cfg = load_config(DistillConfig, None, _flatten(to_dict(base)) | (overrides or {}) | {"out": str(run_dir)})
-    if finished_step(run_dir) == cfg.run.steps:
-        return run_dir
-    if (run_dir / "config.yaml").is_file() and list_checkpoints(run_dir):
-        # Any failure of the resumed arm propagates: restarting it would delete its checkpoints.
-        return distill(dataclasses.replace(cfg, resume=str(run_dir)), progress=progress)
-    # Nothing to continue from: start the arm again.
-    return distill(dataclasses.replace(cfg, overwrite=True), progress=progress)
-
-
-def opd_arm(train: DistillConfig) -> DistillConfig:
-    """A copy of an experiment's base run as OPD: opsd (OPD with its own teacher) stays opsd, others become opd."""
-    arm = copy.deepcopy(train)
-    arm.method = "opsd" if arm.method == "opsd" else "opd"
-    return arm
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _eval_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/accuracy" in r or "eval/reverse_kl" in r]
-    if not rows:
-        raise UserError(f"{run_dir}/metrics.jsonl: no evaluation rows; was the run interrupted before step 0 finished?")
-    return rows
-
-
-def final_eval(run_dir: Path, start_from: Path | None = None) -> dict[str, Any]:
-    """The first and last evaluation of a run: accuracy, teacher-student reverse KL and the answer
-    log-likelihood, each with its standard error where the run logged one (`_start`: step 0).
-
-    A run trained with `run.eval_start` off has no step-0 row: its `_start` values are those of
-    `start_from` (a run from the same source on the same held-out prompts), else absent.
-    """
-    rows = _eval_rows(run_dir)
-    first, last = rows[0], rows[-1]
-    if first.get("step") != 0:
-        first = _eval_rows(start_from)[0] if start_from is not None else {}
-    out: dict[str, Any] = {}
-    for key in EVAL_KEYS:
-        out[key] = last.get(f"eval/{key}")
-        out[f"{key}_start"] = first.get(f"eval/{key}")
-    out["step"] = last.get("step")
-    return {k: v for k, v in out.items() if v is not None or k in ("accuracy", "reverse_kl", "accuracy_start",
-                                                                      "reverse_kl_start", "step")}
-
-
-# metrics.jsonl eval keys (without "eval/") that experiment rows carry, at the end and at step 0
-EVAL_KEYS = ("accuracy", "reverse_kl", "reverse_kl_se", "answer_logp", "answer_logp_se", "num_examples")
-
-
-def source_of(run_dir: Path) -> Path:
-    """The student source a run started from (recorded in run.json)."""
-    info = read_run_info(run_dir)
-    for key in ("student", "student_path", "source"):
-        if isinstance(info.get(key), str) and info[key]:
-            return Path(info[key])
-    raise UserError(f"{run_dir / 'run.json'}: does not record the student source path (a 'student' string); "
-                    "restore it, or train this arm again")
-
-
-def _trainable_fraction(mask_file: Path | None) -> float:
-    if mask_file is None:
-        return 1.0
-
-    return density(load_mask(mask_file)[0])
 
 
 # ----------------------------------------------------------------------------- subnetwork
@@ -190,7 +106,7 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
         run_dir = full if mask is None else train_arm(train, out / "runs" / name,
                                                       {**(arm_overrides or {}), "optim.mask": str(mask)}, progress)
         row = {"run_dir": relative_path(run_dir, out), "mask": relative_path(mask, out) if mask else None,
-               "trainable_fraction": _trainable_fraction(mask)}
+               "trainable_fraction": trainable_fraction(mask)}
         row.update(final_eval(run_dir, start_from=full))
         if mask is not None:
             row["close_to_full"] = weight_closeness(source, full, run_dir)

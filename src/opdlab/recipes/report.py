@@ -17,6 +17,7 @@ from opdlab.errors import UserError
 from opdlab.fileio import prepare_own_dir
 from opdlab.report.discover import discover, findings_inputs
 from opdlab.report.findings import build_findings
+from opdlab.report.claims_experiments import mask_discovery_summary
 from opdlab.report.html import build_sections, write_report
 
 
@@ -33,6 +34,7 @@ def report(cfg: ReportConfig) -> Path:
     sections, _ = build_sections(found, rows)
     title = f"opdlab report: {root.resolve().name}"
     try:
-        return write_report(out, rows, sections, title=title, source=str(root))
+        return write_report(out, rows, sections, title=title, source=str(root),
+                            mask_discovery=mask_discovery_summary(found.mask_discovery))
     except OSError as exc:
         raise UserError(f"{out}: cannot write the report there ({exc.strerror}); choose another --out") from None

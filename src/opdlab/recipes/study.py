@@ -14,6 +14,9 @@ From one source student, in `--out` (stage names in brackets; `demo.json` lists 
   experiments/subnetwork       retraining from the source on the main run's bf16 mask (|Δ| > mask_atol), on
                                the fp32 largest-update coordinates at the same per-tensor density, and on
                                a random mask of that density [subnetwork]
+  experiments/mask_discovery   (arm mask_discovery) retraining on the main run's changed mask after 10/25/50 % of
+                               its steps, on the source's lowest-|W| coordinates, at the final mask's density;
+                               the final and random arms are the subnetwork arm's [mask-discovery]
   experiments/optimizers       AdamW vs plain SGD vs SGD with momentum, each over its lr grid [optimizers]
   sweep/lr_sweep.json          (arm lr_sweep) the AdamW arms analysed: sparsity against step size [lr-sweep]
   report/report.html           findings with the study's reported numbers beside them [report]
@@ -38,9 +41,9 @@ from opdlab.errors import UserError
 from opdlab.fileio import relative_path, write_json
 from opdlab.recipes.compare import compare
 from opdlab.recipes.demo_stages import analyze_pair, analyze_runs, open_manifest, write_report
-from opdlab.recipes.experiment import (
-    final_eval, run_optimizers, run_subnetwork, save_adam_evidence, source_of, train_arm,
-)
+from opdlab.recipes.arms import final_eval, source_of, train_arm
+from opdlab.recipes.experiment import run_optimizers, run_subnetwork, save_adam_evidence
+from opdlab.recipes.mask_discovery import UNTRACKED, run_mask_discovery
 
 # `--preset`: overrides of StudyConfig, applied over --config and under flags and --set (cli.to_config).
 # Sized for a GPU and a 1-4B pair at the study's step size (AdamW 1e-6); the demos use their own
@@ -81,6 +84,12 @@ def main_config(cfg: StudyConfig) -> DistillConfig:
                         "student's own source shown privileged context)")
     if base.run.save_dtype != "both":
         base.run.save_dtype = "both"  # the fp32 analysis and the fp32 mask read final-fp32/
+    discovering = "mask_discovery" in cfg.arms
+    every = cfg.track_update_every or (max(1, base.run.steps // 10) if discovering else 0)
+    if every and not base.run.track_update_every:
+        base.run.track_update_every = every
+    if discovering:
+        base.run.save_update_masks = True  # the early masks are the main run's snapshots
     return base
 
 
@@ -91,8 +100,14 @@ def stage_names(cfg: StudyConfig, main: str) -> list[str]:
 
 
 def arm_common(cfg: StudyConfig) -> dict[str, Any]:
-    """Overrides every arm but the main run shares: without the step-0 evaluation when it is shared."""
-    return {"run.eval_start": False} if cfg.share_start_eval else {}
+    """Overrides every arm but the main run shares: without the step-0 evaluation when it is shared, and
+    without mask snapshots (only the main run's are read)."""
+    return ({"run.eval_start": False} if cfg.share_start_eval else {}) | {"run.save_update_masks": False}
+
+
+def experiment_common(cfg: StudyConfig) -> dict[str, Any]:
+    """Overrides of every experiment arm (subnetwork, optimizers, mask discovery): no telemetry either."""
+    return arm_common(cfg) | UNTRACKED
 
 
 def run_overrides(cfg: StudyConfig, base: DistillConfig, name: str, main: str) -> dict[str, Any]:
@@ -117,7 +132,7 @@ def experiment_config(cfg: StudyConfig, base: DistillConfig) -> ExperimentConfig
     exp = load_config(ExperimentConfig, None, {
         "mask_atol": cfg.mask_atol, "mask_dtype": cfg.mask_dtype, "top_update_mask": cfg.top_update_mask,
         "adamw_lrs": cfg.adamw_lrs, "sgd_lrs": cfg.sgd_lrs, "sgd_momentum_lrs": cfg.sgd_momentum_lrs,
-        "sgd_momentum": cfg.sgd_momentum})
+        "sgd_momentum": cfg.sgd_momentum, "discovery_fractions": cfg.discovery_fractions})
     exp.train = copy.deepcopy(base)
     return exp
 
@@ -133,6 +148,8 @@ def plan(cfg: StudyConfig, base: DistillConfig, main: str, runs: list[str]) -> d
         stages[f"compare-{a}-vs-{b}"] = ("compare", 1.0)
     if "subnetwork" in cfg.arms:
         stages["subnetwork"] = ("experiment", steps * (3 if cfg.top_update_mask else 2))
+    if "mask_discovery" in cfg.arms:
+        stages["mask-discovery"] = ("experiment", steps * (len(cfg.discovery_fractions) + 1))
     if "optimizers" in cfg.arms:
         extra = [lr for lr in cfg.adamw_lrs if lr != base.optim.lr]
         stages["optimizers"] = ("experiment", steps * (len(extra) + len(cfg.sgd_lrs) + len(cfg.sgd_momentum_lrs)))
@@ -192,8 +209,16 @@ def run_study(cfg: StudyConfig, label: str, estimate: str = "", announce: str = 
     if "subnetwork" in cfg.arms:
         sub_dir = out / "experiments" / "subnetwork"
         manifest.run("subnetwork", "experiment", sub_dir, lambda: run_subnetwork(
-            experiment, sub_dir, full_run=runs[main], arm_overrides=arm_common(cfg),
+            experiment, sub_dir, full_run=runs[main], arm_overrides=experiment_common(cfg),
             after_arm=prune_run if cfg.prune else None), out)
+    if "mask_discovery" in cfg.arms:
+        md_dir, sub = out / "experiments" / "mask_discovery", out / "experiments" / "subnetwork"
+        final_mask = sub / "masks" / "subnetwork.safetensors"
+        reuse = {"final": (sub / "runs" / "subnetwork", final_mask),
+                 "random": (sub / "runs" / "random", sub / "masks" / "random.safetensors")}
+        manifest.run("mask-discovery", "experiment", md_dir, lambda: run_mask_discovery(
+            experiment, md_dir, full_run=runs[main], final_mask=final_mask, reuse=reuse,
+            arm_overrides=experiment_common(cfg), after_arm=prune_run if cfg.prune else None), out)
     if "optimizers" in cfg.arms:
         opt_dir = out / "experiments" / "optimizers"
         evidence = {family: runs[name] for family, name in (("opd", main), ("sft", "sft"), ("rl", "rl"))
@@ -201,7 +226,7 @@ def run_study(cfg: StudyConfig, label: str, estimate: str = "", announce: str = 
         experiment.evidence_methods = list(evidence)
         reuse = {("adamw", base.optim.lr): runs[main]} if base.optim.lr in cfg.adamw_lrs else None
         manifest.run("optimizers", "experiment", opt_dir, lambda: run_optimizers(
-            experiment, opt_dir, evidence_runs=evidence, reuse=reuse, arm_overrides=arm_common(cfg),
+            experiment, opt_dir, evidence_runs=evidence, reuse=reuse, arm_overrides=experiment_common(cfg),
             start_from=runs[main], after_arm=prune_run if cfg.prune and "lr_sweep" not in cfg.arms else None), out)
         if "lr_sweep" in cfg.arms:
             sweep_dir = out / "sweep"

@@ -219,3 +219,66 @@ def claim_optimizers(inp: FindingInputs) -> Finding:
     caveat = join_parts(caveat, choice.reason)
     return Finding(4, CLAIMS[4], verdict, measured, f"SGD at its own best lr ({top})", rule, caveat,
                    "optimizers.json", vals)
+
+
+# ----------------------------------------------------------------------------- early subnetwork discovery
+
+# mask_discovery.json "arms" in display order: early snapshots (step-K, by K), the source-only mask, the final
+# mask and the random control
+def discovery_arms(md: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    raw = md.get("arms")
+    arms = {str(k): v for k, v in raw.items() if isinstance(v, dict)} if isinstance(raw, dict) else {}
+
+    def order(name: str) -> tuple[int, float]:
+        if name.startswith("step-") and name[5:].isdigit():
+            return 0, float(name[5:])
+        return {"source": (1, 0.0), "final": (2, 0.0), "random": (3, 0.0)}.get(name, (4, 0.0))
+
+    return [(k, arms[k]) for k in sorted(arms, key=order)]
+
+
+def mask_discovery_summary(md: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Each arm's recovery of the full run's gain (claim 3's metric and rule), and one plain statement.
+
+    An arm "recovers the full run" when its recovery is ≥ RECOVERY_HOLDS_MIN and beats the random
+    arm's by ≥ RANDOM_GAP_MIN; with the full run's gain within noise, nothing can be recovered and
+    the statement says so. Returns None without a mask_discovery.json.
+    """
+    if not md:
+        return None
+    source, full = md.get("source") or {}, md.get("full") or {}
+    n = num(md.get("num_eval"))
+    choice = choose_metric(source, full, n)
+    arms = discovery_arms(md)
+    metric = choice.metric or _pick_metric([source, full] + [r for _, r in arms])
+    rows = []
+    src = num(source.get(metric)) if metric else None
+    fv = num(full.get(metric)) if metric else None
+    usable = src is not None and fv is not None and fv != src
+    for name, r in arms:
+        v = num(r.get(metric)) if metric else None
+        rows.append({"arm": name, "cost_steps": r.get("cost_steps"), "value": v,
+                     "recovery": (v - src) / (fv - src) if usable and v is not None else None,
+                     "overlap_with_final": num(r.get("overlap_with_final")), "overlap_chance": num(r.get("overlap_chance")),
+                     "enrichment": num(r.get("enrichment")), "from_snapshot": num(r.get("from_snapshot")),
+                     "trainable_fraction": num(r.get("trainable_fraction"))})
+    out: dict[str, Any] = {"metric": metric, "metric_reason": choice.reason, "source": src, "full": fv,
+                           "steps": md.get("steps"), "arms": rows}
+    if metric is None or not usable or _no_gain(choice, metric, src, fv):
+        out["statement"] = ("Early discovery cannot be judged: the full run did not improve on the source beyond "
+                            "noise, so there is no gain to recover. " + choice.reason).strip()
+        return out
+    rand = next((r["recovery"] for r in rows if r["arm"] == "random"), None)
+    found = [r for r in rows if r["arm"] not in ("final", "random") and r["recovery"] is not None
+             and r["recovery"] >= RECOVERY_HOLDS_MIN and (rand is None or r["recovery"] - rand >= RANDOM_GAP_MIN)]
+    cheapest = min(found, key=lambda r: r["cost_steps"] or 0) if found else None
+    listing = ", ".join(f"{r['arm']} {fmt(r['recovery'], True)}" for r in rows if r["recovery"] is not None)
+    if cheapest is None:
+        out["statement"] = (f"No early or source-only mask recovered the full run (≥ {RECOVERY_HOLDS_MIN:.0%} of its "
+                            f"gain and ≥ {RANDOM_GAP_MIN:.0%} above the random mask) on {metric}: {listing}.")
+    else:
+        cost = cheapest["cost_steps"] or 0
+        out["statement"] = (f"A mask found after {cost} of {md.get('steps')} steps ({cheapest['arm']}) recovered "
+                            f"{fmt(cheapest['recovery'], True)} of the full run's gain on {metric}: {listing}.")
+    out["cheapest_recovering_arm"] = cheapest["arm"] if cheapest else None
+    return out

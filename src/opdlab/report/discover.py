@@ -31,7 +31,7 @@ from opdlab.report.findings import FindingInputs
 
 SCHEMA = 1  # newest schema version of every JSON file this module reads
 MARKERS = ("metrics.jsonl", "analysis.json", "compare.json", "subnetwork.json", "optimizers.json",
-           "lr_sweep.json", "demo.json")
+           "lr_sweep.json", "mask_discovery.json", "demo.json")
 # Folders that never hold markers and can be large (checkpoints): not walked.
 _SKIP_DIRS = {"checkpoints", "final", "final-fp32", "figures", "__pycache__", "node_modules"}
 # Demo sub-folders whose name adds nothing to a run's name ("runs/opd" -> "opd").
@@ -107,11 +107,12 @@ class Found:
     subnetwork: dict[str, Any] | None = None
     optimizers: dict[str, Any] | None = None
     lr_sweep: dict[str, Any] | None = None
+    mask_discovery: dict[str, Any] | None = None
     sources: dict[str, Path] = field(default_factory=dict)  # experiment kind -> file it came from
 
     def empty(self) -> bool:
         return not (self.demo or self.runs or self.analyses or self.compares or self.subnetwork
-                    or self.optimizers or self.lr_sweep)
+                    or self.optimizers or self.lr_sweep or self.mask_discovery)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -135,6 +136,9 @@ _SHAPES: dict[str, dict[str, tuple[type, str]]] = {
     "optimizers.json": {"sweep": (list, "a list of {optimizer, lr, accuracy, reverse_kl} rows"),
                         "second_moment_cv": (dict, "an object keyed by method")},
     "lr_sweep.json": {"points": (list, "a list of per-lr points")},
+    "mask_discovery.json": {"source": (dict, "an object with the source's held-out figures"),
+                            "full": (dict, "an object with the full run's held-out figures"),
+                            "arms": (dict, "an object keyed by arm (step-K, source, final, random)")},
     "demo.json": {"stages": (list, "a list of stages")},
 }
 
@@ -302,7 +306,7 @@ def discover(root: Path, skip: Path | None = None) -> Found:
             found.analyses.append(read_analysis(here, name))
         if "compare.json" in files:
             found.compares.append(Compare(name=name, path=here, data=read_json(here / "compare.json")))
-        for kind in ("subnetwork", "optimizers", "lr_sweep"):
+        for kind in ("subnetwork", "optimizers", "lr_sweep", "mask_discovery"):
             # The first one found (the walk is sorted, shallowest folders first per branch) wins.
             if f"{kind}.json" in files and getattr(found, kind) is None:
                 setattr(found, kind, read_json(here / f"{kind}.json"))

@@ -24,7 +24,9 @@ from opdlab import __version__
 from opdlab.fileio import atomic_path, write_json, write_text
 from opdlab.report import figures_runs as F
 from opdlab.report.discover import Analysis, Found, companion_fp32, main_analyses, primary_analysis
-from opdlab.report.claims_experiments import closeness, second_moment_by_method, subnetwork_arms
+from opdlab.report.claims_experiments import (
+    closeness, mask_discovery_summary, second_moment_by_method, subnetwork_arms,
+)
 from opdlab.report.findings import group_rows
 from opdlab.report.study_column import study_numbers
 from opdlab.report.verdicts import Finding, fmt, num, precision_caveat
@@ -33,7 +35,11 @@ from opdlab.report.source_format import fine_pct, gguf_note, zero_fraction
 VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "inconclusive",
                  "not measured": "unmeasured"}
 CURVES = (("eval/accuracy", "eval accuracy"), ("eval/reverse_kl", "eval reverse KL (teacher‖student)"),
-          ("train/loss", "train loss"))
+          ("train/loss", "train loss"),
+          # run.track_update_every: how the update grows and settles (subnet/update_tracker.py)
+          ("update/changed_fraction", "bf16-visible changed fraction"),
+          ("update/relative_norm", "update ‖Δ‖/‖W‖ (bf16)"),
+          ("update/jaccard_previous", "changed-mask Jaccard with the previous measurement"))
 
 
 @dataclass
@@ -299,6 +305,24 @@ def subnetwork_section(found: Found, figs: _Figures) -> Section | None:
     return sec
 
 
+def discovery_section(found: Found) -> Section | None:
+    """Early subnetwork discovery: each mask's cost, recovery of the full run's gain and overlap with the final mask."""
+    summary = mask_discovery_summary(found.mask_discovery)
+    if summary is None:
+        return None
+    sec = Section("mask-discovery", "Early subnetwork discovery")
+    sec.notes.append(summary["statement"])
+    sec.notes.append("Every arm retrains from the source on as many coordinates per tensor as the final mask holds; "
+                     "step-K is the full run's changed mask after K steps, resized to that density (random subset, or "
+                     "filled up at random); source is the lowest-|W| coordinates; recovery = (arm − source)/(full − "
+                     f"source) on {summary['metric']}; enrichment = share inside the final mask over chance.")
+    rows = [[r["arm"], str(r["cost_steps"]), _val(r["value"]), _pct(r["recovery"]), _pct(r["overlap_with_final"]),
+             _pct(r["overlap_chance"]), _val(r["enrichment"]), _pct(r["from_snapshot"])] for r in summary["arms"]]
+    sec.tables.append(Table(["arm", "steps to find", str(summary["metric"]), "recovery", "inside final mask",
+                             "by chance", "enrichment", "kept from snapshot"], rows))
+    return sec
+
+
 def optimizers_section(found: Found, figs: _Figures) -> Section | None:
     opt = found.optimizers
     if not opt:
@@ -325,7 +349,7 @@ def build_sections(found: Found, rows: list[Finding]) -> tuple[list[Section], _F
     makers = (lambda: precision_section(found, rows, figs), lambda: demo_section(found),
               lambda: training_section(found, figs), lambda: analysis_section(found, figs),
               lambda: compare_section(found, figs), lambda: subnetwork_section(found, figs),
-              lambda: optimizers_section(found, figs))
+              lambda: discovery_section(found), lambda: optimizers_section(found, figs))
     return [s for s in (m() for m in makers) if s is not None], figs
 
 
@@ -344,8 +368,11 @@ def render(rows: list[Finding], sections: list[Section], title: str, source: str
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
-def write_report(out_dir: Path, rows: list[Finding], sections: list[Section], title: str, source: str) -> Path:
-    """Write figures/, findings.json and (last, so its presence means done) report.html; all atomically."""
+def write_report(out_dir: Path, rows: list[Finding], sections: list[Section], title: str, source: str,
+                 mask_discovery: dict[str, Any] | None = None) -> Path:
+    """Write figures/, findings.json and (last, so its presence means done) report.html; all atomically.
+
+    `mask_discovery`: `mask_discovery_summary` of the experiment, kept in findings.json beside the claims."""
     out_dir.mkdir(parents=True, exist_ok=True)
     images = [img for s in sections for img in s.images]
     with atomic_path(out_dir / "figures") as tmp:
@@ -355,5 +382,6 @@ def write_report(out_dir: Path, rows: list[Finding], sections: list[Section], ti
     write_json(out_dir / "findings.json", {"schema": 1, "source": source, "findings": [
         {"number": r.number, "claim": r.claim, "verdict": r.verdict, "measured": r.measured, "control": r.control,
          "rule": r.rule, "caveat": r.caveat, "source": r.source, "values": r.values, "study": r.study}
-        for r in rows], "study_numbers": {"source": study_numbers()["source"], "caveat": study_numbers()["caveat"]}})
+        for r in rows], "study_numbers": {"source": study_numbers()["source"], "caveat": study_numbers()["caveat"]},
+        **({"mask_discovery": mask_discovery} if mask_discovery else {})})
     return write_text(out_dir / "report.html", render(rows, sections, title, source))

@@ -236,7 +236,7 @@ def extract_mask(
     return masks
 
 
-def _sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+def sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """k distinct indices drawn uniformly from range(n), in O(k) memory (int64, sorted).
 
     Draws uniform integers until at least k distinct ones are seen, then keeps a random k of
@@ -245,7 +245,7 @@ def _sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """
     if k > n // 2:
         keep = torch.ones(n, dtype=torch.bool)
-        keep[_sample_indices(n, n - k, gen)] = False
+        keep[sample_indices(n, n - k, gen)] = False
         return keep.nonzero().squeeze(1)
     chosen = torch.empty(0, dtype=torch.int64)
     while chosen.numel() < k:
@@ -257,6 +257,11 @@ def _sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return chosen
 
 
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded from (seed, tensor name): a tensor's draw does not depend on the other tensors."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any 64-bit seed
+
+
 def random_like(masks: MaskDict, seed: int = 0) -> MaskDict:
     """A random control mask with exactly the same number of True entries in every tensor.
 
@@ -265,9 +270,9 @@ def random_like(masks: MaskDict, seed: int = 0) -> MaskDict:
     """
     out: MaskDict = {}
     for name, m in masks.items():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**64)  # any 64-bit seed
+        gen = tensor_generator(seed, name)
         flat = torch.zeros(m.numel(), dtype=torch.bool)
-        flat[_sample_indices(m.numel(), int(m.sum()), gen)] = True
+        flat[sample_indices(m.numel(), int(m.sum()), gen)] = True
         out[name] = flat.view(m.shape)
     return out
 

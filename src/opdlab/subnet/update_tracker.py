@@ -72,7 +72,7 @@ def streamed_counts(source: torch.Tensor, current: torch.Tensor, previous_packed
     src, cur = source.reshape(-1), current.reshape(-1)
     n = src.numel()
     packed = np.empty((n + 7) // 8, dtype=np.uint8)
-    changed = delta_sq = both = either = 0.0
+    changed = delta_sq = 0.0
     known_sq = source_sq is not None
     sq = source_sq or 0.0
     for i in range(0, n, BLOCK):
