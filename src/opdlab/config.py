@@ -497,8 +497,9 @@ class StudyConfig:
     sgd_momentum: float = 0.9
     """momentum of the SGD-with-momentum arms."""
     prune: bool = False
-    """delete what a finished arm no longer needs (resumable checkpoints; fp32 finals of all but the main run)
-    once its figures are taken: keeps a study of a large model within disk; --resume still skips finished arms."""
+    """delete what a finished arm no longer needs once its figures are taken: resumable checkpoints, fp32 finals
+    of all but the main run, and every weight of the experiment arms (subnetwork, mask discovery, optimizers),
+    which keep their metrics; keeps a study of a large model within disk; --resume still skips finished arms."""
     share_start_eval: bool = False
     """arms skip their step-0 evaluation and report the main run's (same source, same held-out prompts): one
     evaluation less per arm."""

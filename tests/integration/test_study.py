@@ -72,6 +72,12 @@ def test_study_runs_every_stage_and_decides_from_its_files(pair, tmp_path, capsy
               for f in ("subnetwork.safetensors", "top_update.safetensors", "random.safetensors")]
     assert counts[0] == counts[1] == counts[2]
     assert sub["source"]["reverse_kl_se"] > 0 and sub["runs"]["random"]["reverse_kl_start"] == sub["source"]["reverse_kl"]
+    # per-prompt evaluations for paired comparisons: the source's (step 0 of the main run) and every arm's
+    assert len(sub["source"]["per_example"]["reverse_kl_sum"]) == 6
+    assert len(sub["runs"]["random"]["per_example"]["correct"]) == 6
+    assert (out / "runs" / "opd" / "evals" / "step-0.json").is_file()
+    # experiment arms keep metrics, not weights (prune); they still count as finished (resume below)
+    assert not (out / "experiments" / "subnetwork" / "runs" / "random" / "final").exists()
 
     # telemetry: the main run and its baselines log the update; only the main run keeps mask snapshots
     logged = [json.loads(line) for line in (out / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]

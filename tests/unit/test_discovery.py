@@ -85,3 +85,26 @@ def test_summary_says_plainly_when_no_early_mask_recovers_or_the_gain_is_noise()
     noise = mask_discovery_summary(_md(0.99, {"step-2": 0.99, "random": 1.0}, se=0.05))
     assert noise["statement"].startswith("Early discovery cannot be judged")
     assert mask_discovery_summary(None) is None
+
+
+def test_paired_se_by_hand_and_its_fallback():
+    from opdlab.report.verdicts import difference_se, paired_se
+
+    a = {"per_example": {"correct": [1.0, 0.0, 1.0, 1.0], "reverse_kl_sum": [2.0, 4.0, 2.0, 4.0],
+                         "reverse_kl_tokens": [2.0, 2.0, 2.0, 2.0]}, "reverse_kl_se": 0.5}
+    b = {"per_example": {"correct": [1.0, 0.0, 0.0, 1.0], "reverse_kl_sum": [1.0, 3.0, 1.0, 3.0],
+                         "reverse_kl_tokens": [2.0, 2.0, 2.0, 2.0]}, "reverse_kl_se": 0.5}
+    # accuracy: differences 0, 0, 1, 0 (mean 0.25) -> sd of the paired differences / sqrt(4)
+    d = [0.0, 0.0, 1.0, 0.0]
+    want = math.sqrt(sum((x - 0.25) ** 2 for x in d) / (4 * 3))
+    assert paired_se(a, b, "accuracy") == pytest.approx(want)
+    # reverse KL: every prompt drops by exactly 0.5 per token -> no spread, paired SE 0 (unpaired 0.71)
+    assert paired_se(a, b, "reverse_kl") == pytest.approx(0.0)
+    assert difference_se(a, b, "reverse_kl", 4) == pytest.approx(0.0)
+    unpaired = {"reverse_kl_se": 0.5}
+    assert paired_se(a, unpaired, "reverse_kl") is None
+    assert difference_se(a, unpaired, "reverse_kl", 4) == pytest.approx(math.sqrt(0.5))
+    short = {"per_example": {"correct": [1.0, 0.0]}}
+    assert paired_se(a, short, "accuracy") is None  # different prompts: no pairing
+    start = {"per_example_start": b["per_example"]}
+    assert paired_se(a, start, "accuracy", "", "_start") == pytest.approx(want)

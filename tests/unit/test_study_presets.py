@@ -17,11 +17,16 @@ def test_tiny_demo_presets_keep_the_demo_runs_configs():
     for name, preset in demo.PRESETS.items():
         cfg = demo.tiny_study(DemoConfig(preset=name, out="x"))
         base = study.main_config(cfg)
-        assert base == demo.base_config(preset, Path("x") / "runs" / "opd")  # the demo's own main run
+        own = demo.base_config(preset, Path("x") / "runs" / "opd")  # the demo's own main run, plus telemetry
+        own.run.track_update_every = max(1, preset.steps // 10)
+        own.run.save_update_masks = preset.discovery  # the early masks are the main run's snapshots
+        assert base == own
+        assert ("mask_discovery" in cfg.arms) == preset.discovery
         assert cfg.mask_atol == 0.0 and cfg.adamw_lrs == preset.sweep_lrs
         assert cfg.sgd_lrs == cfg.sgd_momentum_lrs == preset.sgd_lrs
-        assert study.run_overrides(cfg, base, "rl", "opd") == {"method": "rl", "rollout.samples_per_prompt": 4}
-        assert study.run_overrides(cfg, base, "sft", "opd") == {"method": "sft"}
+        no_masks = {"run.save_update_masks": False}  # only the main run keeps mask snapshots
+        assert study.run_overrides(cfg, base, "rl", "opd") == {**no_masks, "method": "rl", "rollout.samples_per_prompt": 4}
+        assert study.run_overrides(cfg, base, "sft", "opd") == {**no_masks, "method": "sft"}
         names = study.stage_names(cfg, "opd")
         assert names == ["opd", *[f"opd-seed{s}" for s in range(1, preset.seeds)], "sft", "rl"]
 
@@ -33,13 +38,15 @@ def test_real_default_preset_has_every_arm_and_grids_that_can_bracket_a_best():
     assert len(cfg.sgd_lrs) >= 3 and len(cfg.sgd_momentum_lrs) >= 3 and cfg.mask_atol == 1e-5
     assert cfg.share_start_eval and cfg.prune and cfg.top_update_mask
     assert study.run_overrides(cfg, base, "sft", "opsd") == {
-        "run.eval_start": False, "data.privileged_teacher": True, "method": "sft"}
+        "run.eval_start": False, "run.save_update_masks": False, "data.privileged_teacher": True, "method": "sft"}
+    assert base.run.track_update_every == demo_real.TRACK_EVERY and base.run.save_update_masks
     plan = study.plan(cfg, base, "opsd", study.stage_names(cfg, "opsd"))
-    trained = {"opsd", "opsd-seed1", "sft", "rl", "subnetwork", "optimizers"}
+    trained = {"opsd", "opsd-seed1", "sft", "rl", "subnetwork", "mask-discovery", "optimizers"}
     assert trained <= set(plan) and "report" in plan and "analysis-opsd-fp32" in plan
     # seven optimizer arms (AdamW's main lr is the main run), three masked arms
     assert plan["optimizers"] == ("experiment", base.run.steps * 7)
     assert plan["subnetwork"] == ("experiment", base.run.steps * 3)
+    assert plan["mask-discovery"] == ("experiment", base.run.steps * 4)  # three early masks and the source's
     quick = demo_real.real_study(DemoConfig(real=True, preset="quick", out="x"))
     assert study.stage_names(quick, "opsd") == ["opsd"]
 

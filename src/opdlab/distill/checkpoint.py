@@ -216,11 +216,12 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def finished_step(run_dir: Path) -> int | None:
-    """The step a finished run ended at (run.json says finished and final/ exists), else None."""
-    if not (run_dir / "final").is_dir():
-        return None
+    """The step a finished run ended at (run.json says finished and final/ exists, or says its weights were
+    deleted on purpose: `weights_pruned`, a study arm kept for its metrics), else None."""
     info = read_run_info(run_dir)
     if info.get("status") != "finished":
+        return None
+    if not (run_dir / "final").is_dir() and not info.get("weights_pruned"):
         return None
     try:
         return int(info.get("step", 0))

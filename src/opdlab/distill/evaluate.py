@@ -3,7 +3,8 @@
     row = evaluate(student, teacher, tok, examples, prompt_ids, max_new_tokens=16, batch_size=64,
                    vocab_size=V, chunk=4096)
     row  # {"eval/accuracy": 0.42, "eval/reverse_kl": 0.18, "eval/reverse_kl_se": 0.01,
-         #  "eval/answer_logp": -2.3, "eval/answer_logp_se": 0.2, "eval/num_examples": 128, ...}
+         #  "eval/answer_logp": -2.3, "eval/answer_logp_se": 0.2, "eval/num_examples": 128,
+         #  "eval/examples": {"reverse_kl_sum": [...], "reverse_kl_tokens": [...], "correct": [...], ...}}
 
 The student answers each held-out prompt greedily (the deterministic "what has it learned"
 view); the reverse KL KL(p_student || p_teacher), summed over the vocabulary, is averaged over
@@ -13,7 +14,9 @@ change: the reverse KL (`reverse_kl_se`, the ratio estimator's delta-method erro
 as clusters) and, for text prompts with answers, the student's log-likelihood of the reference
 answer right after the prompt (`answer_logp`, summed over the answer's tokens, averaged over
 prompts; one extra forward pass per batch). Accuracy is skipped when the prompts carry no
-answers (a user prompts file without an answer field). Evaluation draws no random numbers,
+answers (a user prompts file without an answer field). `eval/examples` holds the per-prompt values
+behind the means (the run log writes them to `evals/step-N.json`): runs evaluated on the same
+prompts are then compared prompt by prompt, with a paired standard error. Evaluation draws no random numbers,
 and runs inside `torch.random.fork_rng` anyway, so the training stream is the same whatever
 the evaluation schedule: a resumed run stays bit-identical.
 """
@@ -28,9 +31,12 @@ import torch
 
 from opdlab.data.tasks import get_task
 from opdlab.data.visual_tasks import get_visual_task, visual_task_names
+from opdlab.distill.logging import EXAMPLES_KEY
 from opdlab.distill.losses import log_softmax_chunked, reverse_kl
 from opdlab.distill.rollout import Rollout, left_pad, roll_out, with_prompts
 from opdlab.distill.vlm import VisualRollout, roll_out_visual
+
+
 
 
 def has_answers(examples: Sequence[Any]) -> bool:
@@ -178,8 +184,16 @@ def _greedy_eval(
                     answer_logp += answer(start, start + batch_size)
         finally:
             student.train(was_training)
-    row = accuracy_row(completions, examples, sum(kl_sums) / max(sum(kl_tokens), 1))
+    row: dict[str, Any] = accuracy_row(completions, examples, sum(kl_sums) / max(sum(kl_tokens), 1))
     row["eval/num_examples"] = len(examples)
+    # per held-out prompt, in order, so that two runs evaluated on the same prompts can be compared
+    # pairwise (report/verdicts.paired_se); the log writes it to evals/step-N.json, not metrics.jsonl
+    per_example: dict[str, list[float]] = {"reverse_kl_sum": kl_sums, "reverse_kl_tokens": [float(n) for n in kl_tokens]}
+    if has_answers(examples):
+        per_example["correct"] = rollout_correct(completions, examples).tolist()
+    if answer_logp:
+        per_example["answer_logp"] = answer_logp
+    row[EXAMPLES_KEY] = per_example
     se = ratio_se(kl_sums, kl_tokens)
     if se is not None:
         row["eval/reverse_kl_se"] = se

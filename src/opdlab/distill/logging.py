@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from opdlab.errors import UserError
-from opdlab.fileio import append_jsonl, read_jsonl, write_text
+from opdlab.fileio import append_jsonl, read_jsonl, write_json, write_text
 
 METRICS_FILE = "metrics.jsonl"
+EXAMPLES_KEY = "eval/examples"  # an evaluation's per-prompt values: written to evals/step-N.json, not metrics.jsonl
+EVALS_DIR = "evals"
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -66,8 +68,11 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         """Log one flat dict (it must have "step"); eval-only rows do not advance the bar."""
-        append_jsonl(self.path, row)
         step = int(row["step"])
+        examples = row.pop(EXAMPLES_KEY, None)
+        if examples is not None:
+            write_json(self.path.parent / EVALS_DIR / f"step-{step}.json", {"schema": 1, "step": step, **examples})
+        append_jsonl(self.path, row)
         if self.tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):

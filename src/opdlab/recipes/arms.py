@@ -14,7 +14,8 @@ from typing import Any
 from opdlab.config import DistillConfig, load_config, to_dict
 from opdlab.distill.checkpoint import finished_step, list_checkpoints, read_run_info
 from opdlab.errors import UserError
-from opdlab.fileio import read_jsonl
+from opdlab.distill.logging import EVALS_DIR
+from opdlab.fileio import read_json, read_jsonl
 from opdlab.recipes.distill import distill
 from opdlab.subnet.masks import density, load_mask
 
@@ -69,15 +70,28 @@ def final_eval(run_dir: Path, start_from: Path | None = None) -> dict[str, Any]:
     """
     rows = _eval_rows(run_dir)
     first, last = rows[0], rows[-1]
+    first_dir: Path | None = run_dir
     if first.get("step") != 0:
-        first = _eval_rows(start_from)[0] if start_from is not None else {}
+        first, first_dir = (_eval_rows(start_from)[0], start_from) if start_from is not None else ({}, None)
     out: dict[str, Any] = {}
     for key in EVAL_KEYS:
         out[key] = last.get(f"eval/{key}")
         out[f"{key}_start"] = first.get(f"eval/{key}")
     out["step"] = last.get("step")
+    # per-prompt values (evals/step-N.json) for paired comparisons between runs on the same prompts
+    out["per_example"] = per_example(run_dir, last.get("step"))
+    out["per_example_start"] = per_example(first_dir, 0) if first_dir is not None else None
     return {k: v for k, v in out.items() if v is not None or k in ("accuracy", "reverse_kl", "accuracy_start",
                                                                       "reverse_kl_start", "step")}
+
+
+def per_example(run_dir: Path, step: Any) -> dict[str, list[float]] | None:
+    """A run's per-prompt evaluation at `step` (evals/step-N.json), or None when it logged none."""
+    path = run_dir / EVALS_DIR / f"step-{step}.json"
+    if not isinstance(step, int) or not path.is_file():
+        return None
+    data = read_json(path, fix="delete it (the comparisons then use unpaired standard errors)")
+    return {k: v for k, v in data.items() if isinstance(v, list)}
 
 
 # metrics.jsonl eval keys (without "eval/") that experiment rows carry, at the end and at step 0

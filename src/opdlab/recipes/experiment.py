@@ -85,19 +85,20 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
     if not mask_file.is_file():
         masks = extract_mask(source, full, atol=cfg.mask_atol, dtype=cfg.mask_dtype, progress=progress)
         save_mask(mask_file, masks, mask_metadata("extract", masks, base=str(source), tuned=str(full),
-                                                  atol=cfg.mask_atol, dtype=cfg.mask_dtype))
+                                                  atol=cfg.mask_atol, dtype=cfg.mask_dtype), packed=True)
     else:
         masks = load_mask(mask_file)[0]
     if not random_file.is_file():
         control = random_like(masks, seed=cfg.train.run.seed)
-        save_mask(random_file, control, mask_metadata("random_like", control, source=str(mask_file), seed=cfg.train.run.seed))
+        save_mask(random_file, control, mask_metadata("random_like", control, source=str(mask_file),
+                                                      seed=cfg.train.run.seed), packed=True)
     arm_masks: list[tuple[str, Path | None]] = [("full", None), ("subnetwork", mask_file)]
     if cfg.top_update_mask:
         top_file = out / "masks" / "top_update.safetensors"
         if not top_file.is_file():
             top = top_update_like(source, full, masks, dtype="fp32", progress=progress)
             save_mask(top_file, top, mask_metadata("top_update_like", top, source=str(mask_file), base=str(source),
-                                                   tuned=str(full), dtype="fp32"))
+                                                   tuned=str(full), dtype="fp32"), packed=True)
         arm_masks.append(("top_update", top_file))
     arm_masks.append(("random", random_file))
 
@@ -119,7 +120,8 @@ def run_subnetwork(cfg: ExperimentConfig, out: Path, progress: bool = True, full
         "kind": "subnetwork",
         "num_eval": train.data.num_eval,
         "source": {"path": relative_path(source, out),
-                   **{k: first[f"{k}_start"] for k in EVAL_KEYS if f"{k}_start" in first}},
+                   **{k: first[f"{k}_start"] for k in EVAL_KEYS if f"{k}_start" in first},
+                   **({"per_example": first["per_example_start"]} if first.get("per_example_start") else {})},
         "mask": {"file": relative_path(mask_file, out), "atol": cfg.mask_atol, "dtype": cfg.mask_dtype,
                  "density": arms["subnetwork"]["trainable_fraction"]},
         "runs": arms,

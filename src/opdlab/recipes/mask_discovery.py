@@ -96,7 +96,7 @@ def run_mask_discovery(cfg: ExperimentConfig, out: Path, progress: bool = True, 
         if not final_mask.is_file():
             found = extract_mask(source, full_run, atol=cfg.mask_atol, dtype=cfg.mask_dtype, progress=progress)
             save_mask(final_mask, found, mask_metadata("extract", found, base=str(source), tuned=str(full_run),
-                                                       atol=cfg.mask_atol, dtype=cfg.mask_dtype))
+                                                       atol=cfg.mask_atol, dtype=cfg.mask_dtype), packed=True)
     final = load_mask(final_mask)[0]
 
     # (name, mask file, steps of the full run paid to find it, the snapshot it came from)
@@ -138,9 +138,10 @@ def run_mask_discovery(cfg: ExperimentConfig, out: Path, progress: bool = True, 
         "schema": 1, "kind": "mask-discovery", "num_eval": train.data.num_eval, "steps": steps,
         "snapshot_steps": list(snapshots),
         "source": {"path": relative_path(source, out),
-                   **{k: ev[f"{k}_start"] for k in EVAL_KEYS if ev.get(f"{k}_start") is not None}},
+                   **{k: ev[f"{k}_start"] for k in EVAL_KEYS if ev.get(f"{k}_start") is not None},
+                   **({"per_example": ev["per_example_start"]} if ev.get("per_example_start") else {})},
         "full": {"run_dir": relative_path(full_run, out), "cost_steps": steps,
-                 **{k: ev[k] for k in EVAL_KEYS if ev.get(k) is not None}},
+                 **{k: ev[k] for k in EVAL_KEYS + ("per_example",) if ev.get(k) is not None}},
         "final_mask": {"file": relative_path(final_mask, out), "density": density(final),
                        "atol": cfg.mask_atol, "dtype": cfg.mask_dtype},
         "arms": rows,
@@ -159,4 +160,4 @@ def _build_mask(name: str, path: Path, final: MaskDict, source: Path, snapshot: 
     else:
         built = random_like(final, seed=seed)
         meta = mask_metadata("random_like", built, seed=seed)
-    save_mask(path, built, meta)
+    save_mask(path, built, meta, packed=True)

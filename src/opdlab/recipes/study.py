@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from opdlab.config import CompareConfig, DistillConfig, ExperimentConfig, StudyConfig, load_config
+from opdlab.distill.checkpoint import read_run_info, write_run_info
 from opdlab.errors import UserError
 from opdlab.fileio import relative_path, write_json
 from opdlab.recipes.compare import compare
@@ -210,7 +211,7 @@ def run_study(cfg: StudyConfig, label: str, estimate: str = "", announce: str = 
         sub_dir = out / "experiments" / "subnetwork"
         manifest.run("subnetwork", "experiment", sub_dir, lambda: run_subnetwork(
             experiment, sub_dir, full_run=runs[main], arm_overrides=experiment_common(cfg),
-            after_arm=prune_run if cfg.prune else None), out)
+            after_arm=prune_arm if cfg.prune else None), out)
     if "mask_discovery" in cfg.arms:
         md_dir, sub = out / "experiments" / "mask_discovery", out / "experiments" / "subnetwork"
         final_mask = sub / "masks" / "subnetwork.safetensors"
@@ -218,7 +219,7 @@ def run_study(cfg: StudyConfig, label: str, estimate: str = "", announce: str = 
                  "random": (sub / "runs" / "random", sub / "masks" / "random.safetensors")}
         manifest.run("mask-discovery", "experiment", md_dir, lambda: run_mask_discovery(
             experiment, md_dir, full_run=runs[main], final_mask=final_mask, reuse=reuse,
-            arm_overrides=experiment_common(cfg), after_arm=prune_run if cfg.prune else None), out)
+            arm_overrides=experiment_common(cfg), after_arm=prune_arm if cfg.prune else None), out)
     if "optimizers" in cfg.arms:
         opt_dir = out / "experiments" / "optimizers"
         evidence = {family: runs[name] for family, name in (("opd", main), ("sft", "sft"), ("rl", "rl"))
@@ -227,7 +228,7 @@ def run_study(cfg: StudyConfig, label: str, estimate: str = "", announce: str = 
         reuse = {("adamw", base.optim.lr): runs[main]} if base.optim.lr in cfg.adamw_lrs else None
         manifest.run("optimizers", "experiment", opt_dir, lambda: run_optimizers(
             experiment, opt_dir, evidence_runs=evidence, reuse=reuse, arm_overrides=experiment_common(cfg),
-            start_from=runs[main], after_arm=prune_run if cfg.prune and "lr_sweep" not in cfg.arms else None), out)
+            start_from=runs[main], after_arm=prune_arm if cfg.prune and "lr_sweep" not in cfg.arms else None), out)
         if "lr_sweep" in cfg.arms:
             sweep_dir = out / "sweep"
             manifest.run("lr-sweep", "sweep", sweep_dir, lambda: lr_sweep(
@@ -244,6 +245,16 @@ def prune_run(run_dir: Path, keep_fp32: bool = False) -> None:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if not keep_fp32:
         shutil.rmtree(run_dir / "final-fp32", ignore_errors=True)
+
+
+def prune_arm(run_dir: Path) -> None:
+    """`prune_run` for an experiment arm that is never analysed: its final weights go too. metrics.jsonl,
+    evals/, config.yaml and run.json stay (marked `weights_pruned`), so it still counts as finished."""
+    prune_run(run_dir)
+    info = read_run_info(run_dir)
+    if info.get("status") == "finished" and not info.get("weights_pruned"):
+        write_run_info(run_dir, {**info, "weights_pruned": True})
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
 
 
 def lr_sweep(source: Path, opt_dir: Path, sweep_dir: Path, lrs: list[float], base: DistillConfig,

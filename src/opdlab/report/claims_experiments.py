@@ -10,7 +10,7 @@ from typing import Any
 from opdlab.report.verdicts import (
     ADAMW_MARGIN_ACCURACY, ADAMW_MARGIN_KL_FRACTION, CLAIMS, FAILS, GAIN_Z, HOLDS, INCONCLUSIVE, MIN_GAIN_ACCURACY,
     MIN_GAIN_KL_FRACTION, RANDOM_GAP_MIN, RECOVERY_FAILS_BELOW, RECOVERY_HOLDS_MIN, Z_NOISE, Finding, FindingInputs,
-    MetricChoice, choose_metric, diff_se, fmt, gap_is_noise, join_parts, not_measured, num, row_se,
+    MetricChoice, choose_metric, difference_se, fmt, gap_is_noise, join_parts, not_measured, num, paired_se,
 )
 
 
@@ -58,9 +58,9 @@ def _within_noise(a: dict[str, Any], b: dict[str, Any], metric: str, n: float | 
     va, vb = num(a.get(metric)), num(b.get(metric))
     if va is None or vb is None:
         return False
-    if metric == "accuracy":
+    if metric == "accuracy" and paired_se(a, b, metric) is None:
         return gap_is_noise(va, vb, n)
-    se = diff_se(row_se(a, metric, n), row_se(b, metric, n))
+    se = difference_se(a, b, metric, n)
     return se is not None and abs(va - vb) <= Z_NOISE * se
 
 

@@ -162,6 +162,51 @@ def diff_se(se_a: float | None, se_b: float | None) -> float | None:
     return None if se_a is None or se_b is None else math.sqrt(se_a ** 2 + se_b ** 2)
 
 
+def _linearized(ex: dict[str, Any], metric: str) -> list[float] | None:
+    """Per-prompt linearization of a row's mean (its influence values): for the per-token reverse KL
+    (a ratio Σs/Σc) z_i = (s_i − R c_i) / c̄, for accuracy and answer log-likelihood z_i = v_i − mean."""
+    if metric == "reverse_kl":
+        sums, counts = ex.get("reverse_kl_sum"), ex.get("reverse_kl_tokens")
+        if not isinstance(sums, list) or not isinstance(counts, list) or len(sums) != len(counts) or not sums:
+            return None
+        total = float(sum(counts))
+        if total <= 0:
+            return None
+        ratio, mean_count = float(sum(sums)) / total, total / len(sums)
+        return [(float(a) - ratio * float(c)) / mean_count for a, c in zip(sums, counts)]
+    values = ex.get("correct" if metric == "accuracy" else metric)
+    if not isinstance(values, list) or not values:
+        return None
+    mean = sum(float(v) for v in values) / len(values)
+    return [float(v) - mean for v in values]
+
+
+def paired_se(a: dict[str, Any], b: dict[str, Any], metric: str, a_suffix: str = "", b_suffix: str = "") -> float | None:
+    """Standard error of (a − b) on `metric` from the per-prompt values of two evaluations on the same
+    held-out prompts (rows' `per_example<suffix>`, evals/step-N.json), pairing prompt i with prompt i:
+    √(Σ (z_a,i − z_b,i)² / (m (m − 1))) with z the linearized values (`_linearized`). Pairing removes
+    what the prompts share — how hard each one is — which dominates both means' own errors. None when
+    either row lacks per-prompt values or they cover different numbers of prompts."""
+    ea, eb = a.get("per_example" + a_suffix), b.get("per_example" + b_suffix)
+    if not isinstance(ea, dict) or not isinstance(eb, dict):
+        return None
+    za, zb = _linearized(ea, metric), _linearized(eb, metric)
+    if za is None or zb is None or len(za) != len(zb) or len(za) < 2:
+        return None
+    m = len(za)
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(za, zb)) / (m * (m - 1)))
+
+
+def difference_se(a: dict[str, Any], b: dict[str, Any], metric: str, n: float | None,
+                  a_suffix: str = "", b_suffix: str = "") -> float | None:
+    """Standard error of (a − b) on `metric`: paired when both rows carry per-prompt values, else from the
+    two rows' own errors as if independent (binomial for accuracy with `n` known)."""
+    paired = paired_se(a, b, metric, a_suffix, b_suffix)
+    if paired is not None:
+        return paired
+    return diff_se(row_se(a, metric, n, a_suffix), row_se(b, metric, n, b_suffix))
+
+
 @dataclass
 class MetricChoice:
     """Which held-out metric decides claim 3 or 4, why, and whether the trained run gained on it."""
@@ -188,12 +233,12 @@ def choose_metric(source: dict[str, Any], trained: dict[str, Any], n: float | No
     acc_s, acc_t = num(source.get("accuracy" + source_suffix)), num(trained.get("accuracy"))
     acc_gain = acc_se = None
     if acc_s is not None and acc_t is not None and n:
-        acc_gain, acc_se = acc_t - acc_s, diff_se(binomial_se(acc_s, n), binomial_se(acc_t, n))
+        acc_gain, acc_se = acc_t - acc_s, difference_se(trained, source, "accuracy", n, "", source_suffix)
         if acc_gain > GAIN_Z * acc_se:
             return MetricChoice("accuracy", f"accuracy decided: its gain over the source {fmt(acc_gain)} exceeds "
                                 f"{GAIN_Z:g} standard errors ({fmt(GAIN_Z * acc_se)})", acc_gain, acc_se)
     kl_s, kl_t = num(source.get("reverse_kl" + source_suffix)), num(trained.get("reverse_kl"))
-    kl_se = diff_se(num(source.get("reverse_kl_se" + source_suffix)), num(trained.get("reverse_kl_se")))
+    kl_se = difference_se(trained, source, "reverse_kl", n, "", source_suffix)
     if kl_s is None or kl_t is None or kl_se is None:
         return MetricChoice(None)
     why = ("no accuracy" if acc_gain is None else
