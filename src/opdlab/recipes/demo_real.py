@@ -74,7 +74,7 @@ REAL_PRESETS: dict[str, RealPreset] = {
                         sgd_lrs=[], sgd_momentum_lrs=[], estimate="a few minutes (estimated from step times)"),
     "default": RealPreset(steps=16, prompts_per_step=4, num_eval=128, lr=3e-6, arms=ALL_ARMS,
                           adamw_lrs=[1e-6, 3e-6], sgd_lrs=[3e-3, 3e-2, 3e-1], sgd_momentum_lrs=[3e-4, 3e-3, 3e-2],
-                          estimate="about 35 min (estimated from step times; docs/real.md)"),
+                          estimate="about half an hour (measured: docs/real.md)"),
     "full": RealPreset(steps=100, prompts_per_step=8, num_eval=128, lr=1e-6, arms=ALL_ARMS,
                        adamw_lrs=[1e-6, 3e-6], sgd_lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
                        sgd_momentum_lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
