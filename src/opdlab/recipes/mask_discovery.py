@@ -62,10 +62,6 @@ def discovery_steps(snapshots: dict[int, Path], fractions: list[float], steps: i
     return chosen
 
 
-def _count(masks: MaskDict) -> int:
-    return sum(int(m.sum()) for m in masks.values())
-
-
 def run_mask_discovery(cfg: ExperimentConfig, out: Path, progress: bool = True, full_run: Path | None = None,
                        final_mask: Path | None = None, reuse: dict[str, tuple[Path, Path]] | None = None,
                        arm_overrides: dict[str, Any] | None = None,
@@ -109,14 +105,13 @@ def run_mask_discovery(cfg: ExperimentConfig, out: Path, progress: bool = True, 
     reuse = reuse or {}
     rows: dict[str, dict[str, Any]] = {}
     for name, mask_file, cost, snapshot in arms:
+        early = load_mask(snapshot)[0] if snapshot is not None else None
         if name in reuse:
-            mask_file = reuse[name][1]
-        elif not mask_file.is_file():
-            _build_mask(name, mask_file, final, source, snapshot, cfg.train.run.seed)
-        mask = load_mask(mask_file)[0]
-        if name in reuse:
-            run_dir = reuse[name][0]
+            run_dir, mask_file = reuse[name]
+            mask = load_mask(mask_file)[0]
         else:
+            mask = (final if mask_file == final_mask else load_mask(mask_file)[0] if mask_file.is_file()
+                    else _build_mask(name, mask_file, final, source, early, snapshot, cfg.train.run.seed))
             run_dir = train_arm(train, out / "runs" / name,
                                 {**(arm_overrides or {}), **UNTRACKED, "optim.mask": str(mask_file)}, progress)
         overlap, chance = overlap_with(mask, final)
@@ -124,11 +119,10 @@ def run_mask_discovery(cfg: ExperimentConfig, out: Path, progress: bool = True, 
                                "cost_steps": cost, "trainable_fraction": density(mask),
                                "overlap_with_final": overlap, "overlap_chance": chance,
                                "enrichment": overlap / chance if chance else None}
-        if snapshot is not None:
-            early = load_mask(snapshot)[0]
+        if early is not None:
             kept = sum(int((mask[k] & early[k]).sum()) for k in mask)
             row.update(snapshot=relative_path(snapshot, out), snapshot_density=density(early),
-                       from_snapshot=kept / max(_count(mask), 1))
+                       from_snapshot=kept / max(sum(int(m.sum()) for m in mask.values()), 1))
         row.update(final_eval(run_dir, start_from=full_run))
         if after_arm is not None and name not in reuse:
             after_arm(run_dir)
@@ -150,9 +144,11 @@ def run_mask_discovery(cfg: ExperimentConfig, out: Path, progress: bool = True, 
     return write_json(out / "mask_discovery.json", result)
 
 
-def _build_mask(name: str, path: Path, final: MaskDict, source: Path, snapshot: Path | None, seed: int) -> None:
-    if snapshot is not None:
-        built = match_density(load_mask(snapshot)[0], final, seed=seed)
+def _build_mask(name: str, path: Path, final: MaskDict, source: Path, early: MaskDict | None,
+                snapshot: Path | None, seed: int) -> MaskDict:
+    """One arm's mask at the final per-tensor counts, saved bit-packed at `path`; returned."""
+    if early is not None:
+        built = match_density(early, final, seed=seed)
         meta = mask_metadata("match_density", built, snapshot=str(snapshot), seed=seed)
     elif name == "source":
         built = lowest_magnitude_like(source, final)
@@ -161,3 +157,4 @@ def _build_mask(name: str, path: Path, final: MaskDict, source: Path, snapshot: 
         built = random_like(final, seed=seed)
         meta = mask_metadata("random_like", built, seed=seed)
     save_mask(path, built, meta, packed=True)
+    return built
