@@ -43,8 +43,9 @@ def test_real_default_preset_has_every_arm_and_grids_that_can_bracket_a_best():
     plan = study.plan(cfg, base, "opsd", study.stage_names(cfg, "opsd"))
     trained = {"opsd", "opsd-seed1", "sft", "rl", "subnetwork", "mask-discovery", "optimizers"}
     assert trained <= set(plan) and "report" in plan and "analysis-opsd-fp32" in plan
-    # seven optimizer arms (AdamW's main lr is the main run), three masked arms
-    assert plan["optimizers"] == ("experiment", base.run.steps * 7)
+    # eight optimizer arms (AdamW's main lr is the main run, in the middle of its grid), three masked arms
+    assert sorted(cfg.adamw_lrs).index(base.optim.lr) == 1 and len(cfg.adamw_lrs) == 3
+    assert plan["optimizers"] == ("experiment", base.run.steps * 8)
     assert plan["subnetwork"] == ("experiment", base.run.steps * 3)
     assert plan["mask-discovery"] == ("experiment", base.run.steps * 4)  # three early masks and the source's
     quick = demo_real.real_study(DemoConfig(real=True, preset="quick", out="x"))
