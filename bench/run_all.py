@@ -49,6 +49,8 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
                            "--rounds", "1", "--out", str(results / "step_pair.json")]],
             "telemetry": [py + [str(BENCH / "bench_telemetry.py"), "--steps", "4", "--every", "2",
                                 "--out", str(results / "telemetry.json")]],
+            "eval": [py + [str(BENCH / "bench_eval.py"), "--num-eval", "4", "--max-new-tokens", "4", "--rounds", "1",
+                           "--threads", "1", "--out", str(results / "eval_pair.json")]],
         }
     return {
         "train": [py + [str(BENCH / "bench_train.py"), *tools, "--out", str(results / "train.json")]],
@@ -67,12 +69,14 @@ def commands(results: Path, quick: bool, with_trl: bool) -> dict[str, list[list[
                   "--max-new-tokens", "16", "--rounds", "1", "--out", str(results / "step_smollm2-135m-instruct.json")],
         ],
         "telemetry": [py + [str(BENCH / "bench_telemetry.py"), "--out", str(results / "telemetry.json")]],
+        "eval": [py + [str(BENCH / "bench_eval.py"), "--student", "smollm2-135m-instruct", "--method", "opsd",
+                       "--num-eval", "128", "--rounds", "2", "--out", str(results / "eval_smollm2-135m-instruct.json")]],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="comma-separated subset of: train, profile, optimizer, analysis, masked, step, telemetry")
+    ap.add_argument("--only", default=None, help="comma-separated subset of: train, profile, optimizer, analysis, masked, step, telemetry, eval")
     ap.add_argument("--quick", action="store_true", help="smallest sizes (a smoke run, not numbers to report)")
     ap.add_argument("--results", default=str(BENCH / "results"), help="folder for the JSON results")
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")

@@ -72,6 +72,18 @@ def test_bench_step_smallest(tmp_path: Path) -> None:
     assert all(v["cpu_s_median"] > 0 for part in report["timings"].values() for v in part.values())
 
 
+def test_bench_eval_smallest(tmp_path: Path) -> None:
+    import bench_eval
+
+    report = bench_eval.main(["--num-eval", "4", "--batch-size", "2", "--max-new-tokens", "4", "--rounds", "1",
+                              "--threads", "1", "--out", str(tmp_path / "e.json")])
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["benchmark"] == "eval" and saved["machine"]["date"]
+    results = report["results"]
+    assert set(results["timings"]) == {"reused", "forward"} and results["speedup_wall"] > 0
+    assert results["max_abs_diff_reverse_kl_sum"] < 1e-4 and results["accuracy_equal"]
+
+
 def test_bench_optimizer_tiny(tmp_path: Path) -> None:
     import bench_optimizer
 

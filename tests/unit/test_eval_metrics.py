@@ -82,3 +82,33 @@ def test_evaluate_reports_the_continuous_metrics_with_errors_whatever_the_batch_
     bare = [Example(prompt=ex.prompt, answer="", task="") for ex in EXAMPLES]
     row = evaluate(model, model, tok, bare, prompts, batch_size=3, **kwargs)
     assert "eval/answer_logp" not in row and "eval/accuracy" not in row and "eval/reverse_kl" in row
+
+
+def test_the_decoder_supplies_the_students_kl_side_and_answer_prefix_with_forward_pass_numbers(tiny, tmp_path, monkeypatch):
+    import opdlab.distill.rollout as rollout
+
+    model, tok = tiny
+    teacher = load_teacher(save_random_model(tmp_path / "teacher", seed=6, hidden_size=32))
+    prompts = render_prompts(tok, [ex.prompt for ex in EXAMPLES])
+    kwargs = dict(max_new_tokens=5, vocab_size=model.config.vocab_size, chunk=64, batch_size=2)
+    student_passes = []
+    real = rollout.completion_logits
+
+    def counted(m, batch, vocab_size=None, share_prompts=True):
+        student_passes.append(m is model)
+        return real(m, batch, vocab_size, share_prompts)
+
+    monkeypatch.setattr(rollout, "completion_logits", counted)
+    reused = evaluate(model, teacher, tok, EXAMPLES, prompts, **kwargs)
+    reused_passes, student_passes[:] = sum(student_passes), []
+    forward = evaluate(model, teacher, tok, EXAMPLES, prompts, reuse_decode_logits=False, **kwargs)
+    # two batches; without reuse, each runs the student over prompt + completion (KL) and prompt + answer
+    assert reused_passes == 0 and sum(student_passes) == 4
+    assert forward["eval/reverse_kl"] > 1e-3  # two different models: a KL that could be wrong
+    assert reused["eval/reverse_kl"] == pytest.approx(forward["eval/reverse_kl"], rel=1e-5)
+    assert reused["eval/reverse_kl_se"] == pytest.approx(forward["eval/reverse_kl_se"], rel=1e-4)
+    assert reused["eval/answer_logp"] == pytest.approx(forward["eval/answer_logp"], abs=1e-4)
+    assert reused["eval/accuracy"] == forward["eval/accuracy"]
+    a, b = reused["eval/examples"], forward["eval/examples"]
+    assert a["reverse_kl_tokens"] == b["reverse_kl_tokens"]
+    assert a["reverse_kl_sum"] == pytest.approx(b["reverse_kl_sum"], rel=1e-5, abs=1e-7)

@@ -234,6 +234,7 @@ def decode(
     pad_id: int,
     pick: Callable[[Tensor, int], Tensor],
     repeats: int = 1,
+    prefill_out: list[Any] | None = None,
 ) -> Tensor:
     """Prompts followed by up to `max_new_tokens` generated tokens, [B, P + C] (C <= max_new_tokens).
 
@@ -245,6 +246,9 @@ def decode(
     position)` returns the tokens [B] of generation step `position` (0-based) from float32 logits.
     Rows that produced an EOS continue with `pad_id`; decoding stops early once every row has.
     Call only when `unsupported_reason(model)` is None; the model must be in eval mode.
+    `prefill_out`: the prefill's `DynamicCache` (keys and values of the distinct prompts, untouched by
+    decoding) is appended to it, for another continuation of the same prompts (the evaluation's
+    answer likelihood, `distill.evaluate`).
     """
     from transformers import DynamicCache
 
@@ -260,6 +264,8 @@ def decode(
     # position of every row (after the copies are made, so its product has generate's row count)
     hidden = model.model(input_ids=ids_BP.contiguous(), attention_mask=attn_BP if padded else None,
                          position_ids=positions, cache=cache, use_cache=True, return_dict=True).last_hidden_state
+    if prefill_out is not None:
+        prefill_out.append(cache)
     if repeats > 1:
         ids_BP, attn_BP, positions = (t.repeat_interleave(repeats, dim=0) for t in (ids_BP, attn_BP, positions))
     logits = model.lm_head(hidden[:, -1:].repeat_interleave(repeats, dim=0))[:, -1].to(copy=True, dtype=torch.float32)

@@ -13,7 +13,7 @@ errors over prompts, for when accuracy on a few hundred questions is too coarse 
 change: the reverse KL (`reverse_kl_se`, the ratio estimator's delta-method error with prompts
 as clusters) and, for text prompts with answers, the student's log-likelihood of the reference
 answer right after the prompt (`answer_logp`, summed over the answer's tokens, averaged over
-prompts; one extra forward pass per batch). Accuracy is skipped when the prompts carry no
+prompts; the answer's tokens run behind the greedy decoder's prompt cache). Accuracy is skipped when the prompts carry no
 answers (a user prompts file without an answer field). `eval/examples` holds the per-prompt values
 behind the means (the run log writes them to `evals/step-N.json`): runs evaluated on the same
 prompts are then compared prompt by prompt, with a paired standard error. Evaluation draws no random numbers,
@@ -80,14 +80,19 @@ def mean_se(values: Sequence[float]) -> float | None:
 @torch.no_grad()
 def mean_reverse_kl(
     student: Any, teacher: Any, batch: Rollout | VisualRollout, vocab_size: int, chunk: int,
+    student_logits_BCV: torch.Tensor | None = None,
 ) -> tuple[list[float], list[int]]:
     """Per row: (sum over completion tokens of KL(p_s || p_t), number of tokens) on one batch.
 
     Each model reads the batch as its role does (`batch.logits` / `batch.frozen_logits`): a text batch's
-    `teacher_view` (method opsd), a VLM batch's per-model prompt inputs.
+    `teacher_view` (method opsd), a VLM batch's per-model prompt inputs. `student_logits_BCV`: the
+    student's logits on the completion columns when the caller has them already (the greedy decoder's,
+    `roll_out(logits_out=...)`), instead of a forward pass.
     """
     mask = batch.mask_BC
-    logp_s = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
+    if student_logits_BCV is None:
+        student_logits_BCV = batch.logits(student, "student", vocab_size)
+    logp_s = log_softmax_chunked(student_logits_BCV[..., :vocab_size], chunk, mask)
     logp_t = log_softmax_chunked(batch.frozen_logits(teacher, "teacher", vocab_size), chunk, mask)
     return reverse_kl(logp_s, logp_t, mask).sum(-1).tolist(), mask.sum(-1).tolist()
 
@@ -95,12 +100,15 @@ def mean_reverse_kl(
 @torch.no_grad()
 def answer_logprobs(
     student: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], examples: Sequence[Any], vocab_size: int,
-    chunk: int,
+    chunk: int, prefill: tuple[Any, torch.Tensor] | None = None,
 ) -> list[float]:
     """log p_student(reference answer | prompt) per example, summed over the answer's tokens.
 
     The answer text (`str(example.answer)`) is tokenized without special tokens and placed right
-    after the rendered prompt, as the first tokens of the student's reply.
+    after the rendered prompt, as the first tokens of the student's reply. `prefill`: the greedy
+    decoder's prompt cache and its first-step logits [B, V] on exactly these (left-padded) prompts;
+    then only the answer tokens but the last run through the model, behind that cache, instead of
+    prompt and answer together (the same numbers up to float32 rounding).
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     answers = [tokenizer.encode(str(ex.answer), add_special_tokens=False) or [pad] for ex in examples]
@@ -112,12 +120,32 @@ def answer_logprobs(
         ans[i, : len(a)] = torch.tensor(a, dtype=torch.long)
         ans_mask[i, : len(a)] = 1
     device = next(student.parameters()).device
+    if prefill is not None:
+        return _answer_logprobs_cached(student, prefill, attn_p.to(device), ans.to(device), ans_mask.to(device),
+                                       vocab_size, chunk)
     batch = Rollout(torch.cat([ids_p, ans], 1).to(device), torch.cat([attn_p, ans_mask], 1).to(device),
                     torch.cat([torch.zeros_like(attn_p), ans_mask], 1).to(device), ids_p.shape[1], [], list(examples))
     mask = ans_mask.to(device)
     logp = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
     token_logp = logp.gather(-1, batch.targets_BC.unsqueeze(-1)).squeeze(-1)
     return (token_logp * mask).sum(-1).tolist()
+
+
+def _answer_logprobs_cached(student: Any, prefill: tuple[Any, torch.Tensor], attn_BP: torch.Tensor,
+                            ans_BA: torch.Tensor, ans_mask_BA: torch.Tensor, vocab_size: int, chunk: int) -> list[float]:
+    """`answer_logprobs` behind the decoder's prompt cache: the first answer token from the prefill's logits,
+    the others from a forward pass over the answer tokens but the last (positions continue the prompt's)."""
+    cache, first_BV = prefill
+    logits = first_BV[:, None, :vocab_size]
+    width = ans_BA.shape[1]
+    if width > 1:
+        positions = attn_BP.sum(-1, keepdim=True) + torch.arange(width - 1, device=attn_BP.device)
+        rest = student(input_ids=ans_BA[:, :-1], attention_mask=torch.cat([attn_BP, ans_mask_BA[:, :-1]], 1),
+                       position_ids=positions, cache=cache, use_cache=True).logits
+        logits = torch.cat([logits, rest[..., :vocab_size].float()], dim=1)
+    logp = log_softmax_chunked(logits, chunk, ans_mask_BA)
+    token_logp = logp.gather(-1, ans_BA.unsqueeze(-1)).squeeze(-1)
+    return (token_logp * ans_mask_BA).sum(-1).tolist()
 
 
 def evaluate(
@@ -132,27 +160,44 @@ def evaluate(
     vocab_size: int,
     chunk: int,
     teacher_prompt_ids: Sequence[Sequence[int]] | None = None,
+    reuse_decode_logits: bool = True,
 ) -> dict[str, float]:
     """Greedy accuracy (overall and per task) and per-token reverse KL on held-out prompts.
 
     `teacher_prompt_ids` (method opsd): the teacher scores each greedy answer behind its own,
-    privileged prompt instead of the student's.
+    privileged prompt instead of the student's. The student's side of the reverse KL is the
+    distribution the greedy decoder chose each token from, and the answer likelihood continues the
+    decoder's prompt cache (`reuse_decode_logits`, on the fast decoding path): two student passes over
+    the prompts fewer per batch, the same numbers up to float32 rounding (tests/unit/test_eval_metrics.py).
+    Without the fast path, or with `reuse_decode_logits=False`, the student runs both passes.
     """
+    decoded: dict[int, torch.Tensor] = {}  # batch start -> the decoder's logits [B, C, V]
+    prefills: dict[int, tuple[Any, torch.Tensor]] = {}  # batch start -> (prompt cache, first-step logits)
+
+    def roll(a: int, b: int) -> Rollout:
+        steps: list[torch.Tensor] = []
+        caches: list[Any] = []
+        batch = roll_out(student, tokenizer, prompt_ids[a:b], examples[a:b], samples=1,
+                         max_new_tokens=max_new_tokens, greedy=True,
+                         logits_out=steps if reuse_decode_logits else None,
+                         prefill_out=caches if reuse_decode_logits else None)
+        if steps and len(steps) == batch.targets_BC.shape[1]:
+            decoded[a] = torch.stack(steps, dim=1)
+        if steps and caches:
+            prefills[a] = (caches[0], steps[0])
+        return batch
+
     def kl(batch: Rollout, a: int) -> tuple[list[float], list[int]]:
         if teacher_prompt_ids is not None:
             view = with_prompts(batch, teacher_prompt_ids[a:a + batch_size], tokenizer.pad_token_id)
             batch = replace(batch, teacher_view=view)
-        return mean_reverse_kl(student, teacher, batch, vocab_size, chunk)
+        return mean_reverse_kl(student, teacher, batch, vocab_size, chunk, decoded.pop(a, None))
 
     def answer(a: int, b: int) -> list[float]:
-        return answer_logprobs(student, tokenizer, prompt_ids[a:b], examples[a:b], vocab_size, chunk)
+        return answer_logprobs(student, tokenizer, prompt_ids[a:b], examples[a:b], vocab_size, chunk,
+                               prefills.pop(a, None))
 
-    return _greedy_eval(
-        student, examples, batch_size,
-        lambda a, b: roll_out(student, tokenizer, prompt_ids[a:b], examples[a:b],
-                              samples=1, max_new_tokens=max_new_tokens, greedy=True),
-        kl, answer if has_answers(examples) else None,
-    )
+    return _greedy_eval(student, examples, batch_size, roll, kl, answer if has_answers(examples) else None)
 
 
 def _greedy_eval(

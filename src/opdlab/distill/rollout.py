@@ -18,7 +18,7 @@ Shapes: B rows (prompts x samples), T = P + C columns, C completion columns, V v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -148,6 +148,8 @@ def roll_out(
     greedy: bool = False,
     seeds: Sequence[int] | None = None,
     fast: bool = True,
+    logits_out: list[Tensor] | None = None,
+    prefill_out: list[Any] | None = None,
 ) -> Rollout:
     """Sample `samples` completions per prompt (KV cache, stop at EOS).
 
@@ -162,6 +164,12 @@ def roll_out(
     (the same tokens as `generate`, faster: `fast=False` forces `generate`); sampling from the
     global RNG, other architectures and torchrun runs use `model.generate`. Under torchrun every
     rank steps `generate` together (`synced_gpus`): FSDP all-gathers in every forward.
+
+    `logits_out`: on the fast path, each generation step's float32 logits [B, V] are appended to it
+    (one per completion column), the distribution each token was chosen from; it stays empty when
+    `generate` decodes. The evaluation reads the student's side of its reverse KL from them instead
+    of a second forward pass. `prefill_out`: on the fast path, the prompts' prefill cache
+    (`decode(prefill_out=...)`), for the evaluation's answer likelihood.
     """
     rows = [list(p) for p in prompt_ids for _ in range(samples)]
     row_examples = [ex for ex in examples for _ in range(samples)]
@@ -175,8 +183,10 @@ def roll_out(
         if fast and (greedy or seeds is not None) and not synced and unsupported_reason(model) is None:
             ids, attn = left_pad([list(p) for p in prompt_ids], tokenizer.pad_token_id)
             pick = greedy_pick if greedy else SeededSampling(seeds, temperature, top_p, device).pick
+            if logits_out is not None:
+                pick = _recording(pick, logits_out)
             out = decode(model, ids.to(device), attn.to(device), max_new_tokens=max_new_tokens, eos_ids=eos,
-                         pad_id=tokenizer.pad_token_id, pick=pick, repeats=samples)
+                         pad_id=tokenizer.pad_token_id, pick=pick, repeats=samples, prefill_out=prefill_out)
             attn = attn.to(device).repeat_interleave(samples, dim=0)
         else:
             ids, attn = left_pad(rows, tokenizer.pad_token_id)
@@ -193,6 +203,14 @@ def roll_out(
     comp_full = torch.cat([torch.zeros_like(attn), comp_mask], dim=1)
     texts = decode_completions(tokenizer, completion, comp_mask)
     return Rollout(input_ids, attention, comp_full, prompt_len, texts, row_examples)
+
+
+def _recording(pick: Callable[[Tensor, int], Tensor], out: list[Tensor]) -> Callable[[Tensor, int], Tensor]:
+    """`pick` that also appends each step's logits to `out`."""
+    def recorded(logits_BV: Tensor, position: int) -> Tensor:
+        out.append(logits_BV)
+        return pick(logits_BV, position)
+    return recorded
 
 
 def greedy_pick(logits_BV: Tensor, position: int) -> Tensor:
