@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = timings["forward"]["wall_s_median"] / timings["reused"]["wall_s_median"]
     results = {"timings": timings, "speedup_wall": round(ratio, 3),
                "reverse_kl": {k: rows[k]["eval/reverse_kl"] for k in rows},
+               "answer_logp": {k: rows[k].get("eval/answer_logp") for k in rows},
                "max_abs_diff_reverse_kl_sum": max_diff,
                "accuracy_equal": rows["reused"].get("eval/accuracy") == rows["forward"].get("eval/accuracy")}
     print(f"evaluation of {args.num_eval} prompts: forward {timings['forward']['wall_s_median']:.2f} s, "
