@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench" / "lib"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_step import interleaved  # noqa: E402
-from provenance import keep_history, machine  # noqa: E402
+from provenance import keep_history, report_header  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{max_diff:.2e}", flush=True)
     name = (args.student or "pair").replace("/", "_")
     report = {
-        "schema": 1, "benchmark": "eval",
-        "command": "python bench/bench_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(load_start),
+        **report_header("eval", "bench_eval.py", argv, load_start),
         "settings": {"student": str(models.student_path), "teacher": str(models.teacher_path), "task": task,
                      "method": args.method, "num_eval": args.num_eval, "batch_size": args.batch_size,
                      "max_new_tokens": args.max_new_tokens, "threads": args.threads, "rounds": args.rounds},

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench" / "lib"))
 
-from provenance import keep_history, machine  # noqa: E402
+from provenance import keep_history, report_header  # noqa: E402
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     name = (args.student or "pair").replace("/", "_")
     report = {
-        "schema": 1, "benchmark": "step",
-        "command": "python bench/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(load_start),
+        **report_header("step", "bench_step.py", argv, load_start),
         "settings": {"student": str(models.student_path), "teacher": str(models.teacher_path), "task": task,
                      "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
                      "rounds": args.rounds, "threads": 1, "rows": batch.num_rows,

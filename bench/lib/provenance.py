@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -86,3 +87,11 @@ def keep_history(out: str | Path, report: dict[str, Any],
     history.append({"date": prev_machine.get("date"), "command": previous.get("command"), "machine": prev_machine,
                     "summary": summary(previous)})
     return {**report, "history": history}
+
+
+def report_header(benchmark: str, script: str, argv: list[str] | None,
+                  load_start: tuple[float, float, float] | list[float] | None) -> dict[str, Any]:
+    """The fields every result file starts with: schema, benchmark name, the command line and the machine."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"schema": 1, "benchmark": benchmark, "command": f"python bench/{script} " + " ".join(args),
+            "machine": machine(load_start)}
