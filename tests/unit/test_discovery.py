@@ -79,6 +79,10 @@ def test_summary_names_the_cheapest_early_mask_that_recovers_the_full_run():
 def test_summary_says_plainly_when_no_early_mask_recovers_or_the_gain_is_noise():
     out = mask_discovery_summary(_md(0.5, {"step-2": 0.7, "source": 0.8, "final": 0.52, "random": 0.75}))
     assert out["cheapest_recovering_arm"] is None and out["statement"].startswith("No early or source-only mask")
+    assert "Neither did the final mask" not in out["statement"]  # the final mask recovers 96 %
+    # the final mask itself recovers only 10 %: the statement says no mask of that density trains well
+    weak = mask_discovery_summary(_md(0.5, {"step-2": 0.96, "final": 0.95, "random": 0.96}))
+    assert weak["cheapest_recovering_arm"] is None and "Neither did the final mask" in weak["statement"]
     # an early mask at 92 % but the random mask at 86 %: not enough above chance
     out = mask_discovery_summary(_md(0.5, {"step-2": 0.54, "random": 0.57}))
     assert out["cheapest_recovering_arm"] is None

@@ -273,9 +273,13 @@ def mask_discovery_summary(md: dict[str, Any] | None) -> dict[str, Any] | None:
              and r["recovery"] >= RECOVERY_HOLDS_MIN and (rand is None or r["recovery"] - rand >= RANDOM_GAP_MIN)]
     cheapest = min(found, key=lambda r: r["cost_steps"] or 0) if found else None
     listing = ", ".join(f"{r['arm']} {fmt(r['recovery'], True)}" for r in rows if r["recovery"] is not None)
+    final = next((r["recovery"] for r in rows if r["arm"] == "final"), None)
     if cheapest is None:
         out["statement"] = (f"No early or source-only mask recovered the full run (≥ {RECOVERY_HOLDS_MIN:.0%} of its "
                             f"gain and ≥ {RANDOM_GAP_MIN:.0%} above the random mask) on {metric}: {listing}.")
+        if final is not None and final < RECOVERY_HOLDS_MIN:
+            out["statement"] += (" Neither did the final mask: at this density retraining a mask falls short of the "
+                                 "full run whichever mask it is, so the early masks are not what limits it.")
     else:
         cost = cheapest["cost_steps"] or 0
         out["statement"] = (f"A mask found after {cost} of {md.get('steps')} steps ({cheapest['arm']}) recovered "
