@@ -67,7 +67,7 @@ FLAGS: dict[str, tuple[type, str, list[str | Flag]]] = {
     "mask": (C.MaskConfig, "extract, randomize, combine or measure subnetwork masks", [
         Flag("base", positional=True, nargs="?"), Flag("tuned", positional=True, nargs="?"),
         Flag("out", required=True), "atol", "dtype", "device", Flag("random_like", metavar="MASK"),
-        Flag("union", metavar="MASK"), Flag("intersect", metavar="MASK"), Flag("overlap", nargs=2, metavar="MASK"),
+        Flag("top_like", metavar="MASK"), Flag("union", metavar="MASK"), Flag("intersect", metavar="MASK"), Flag("overlap", nargs=2, metavar="MASK"),
         "seed", "overwrite"]),
     "delta": (C.DeltaConfig, "a run as the coordinates it changed (exact, sparse), or TUNED rebuilt from one", [
         Flag("base", positional=True, nargs="?"), Flag("tuned", positional=True, nargs="?"),

@@ -313,6 +313,9 @@ class MaskConfig:
     """torch device."""
     random_like: str | None = None
     """draw a random control with the same per-tensor density as this mask."""
+    top_like: str | None = None
+    """with BASE TUNED: the coordinates of the largest |TUNED - BASE| in --dtype (fp32 for the update itself),
+    as many per tensor as this mask holds."""
     union: list[str] = field(default_factory=list)
     """masks to combine by union."""
     intersect: list[str] = field(default_factory=list)

@@ -106,6 +106,30 @@ def test_mask_from_cli_trains_a_real_model_exactly(pair, tmp_path, capsys):
     assert moved > 0.9 * sum(int(m.sum()) for m in fitted.values())
 
 
+def test_top_like_ranks_the_update_at_another_masks_counts(pair, tmp_path, capsys):
+    root, planted = pair
+    mask_f, control_f, top_f = (tmp_path / f"{n}.safetensors" for n in ("m", "control", "top"))
+    assert run_cli([root / "base", root / "tuned", "--out", mask_f], capsys)[0] == 0
+    assert run_cli(["--random-like", mask_f, "--out", control_f, "--seed", "3"], capsys)[0] == 0
+    code, out, err = run_cli([root / "base", root / "tuned", "--top-like", control_f, "--dtype", "fp32",
+                              "--out", top_f], capsys)
+    assert code == 0, err
+    assert "mlp: density" in out
+    control, _ = M.load_mask(control_f)
+    top, meta = M.load_mask(top_f)
+    assert meta["kind"] == "top_update_like" and meta["source"] == str(control_f) and meta["dtype"] == "fp32"
+    # the random control holds the planted counts at random places; ranking |Δ| at those counts finds the
+    # planted coordinates themselves, the only ones that moved
+    some = False
+    for name, m in planted.items():
+        assert int(top[name].sum()) == int(control[name].sum())
+        assert torch.equal(top[name], m), name
+        some = some or bool(m.any()) and not torch.equal(control[name], m)
+    assert some  # the control differed from the planted mask somewhere, so the ranking did the work
+    code, _, err = run_cli(["--top-like", control_f, "--out", tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "--top-like needs the two checkpoints" in err and len(err.strip().splitlines()) == 1
+
+
 def test_user_errors(pair, tmp_path, capsys):
     root, _ = pair
     mask_f = tmp_path / "m.safetensors"

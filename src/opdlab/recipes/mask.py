@@ -2,6 +2,7 @@
 
     opdlab mask runs/base runs/opd --out mask.safetensors [--atol 0] [--dtype bf16]
     opdlab mask --random-like mask.safetensors --out control.safetensors [--seed 0]
+    opdlab mask runs/base runs/opd --top-like mask.safetensors --dtype fp32 --out top.safetensors
     opdlab mask --union a.safetensors b.safetensors --out both.safetensors
     opdlab mask --intersect a.safetensors b.safetensors --out common.safetensors
     opdlab mask --overlap a.safetensors b.safetensors --out overlap.json
@@ -38,20 +39,26 @@ def density_by_block(masks: M.MaskDict) -> dict[str, dict[str, float]]:
 
 
 def _mode(cfg: MaskConfig) -> str:
+    pair = cfg.base is not None or cfg.tuned is not None
     chosen = [mode for mode, on in (
-        ("extract", cfg.base is not None or cfg.tuned is not None), ("random_like", cfg.random_like is not None),
+        ("extract", pair and cfg.top_like is None), ("top_like", cfg.top_like is not None),
+        ("random_like", cfg.random_like is not None),
         ("union", bool(cfg.union)), ("intersect", bool(cfg.intersect)), ("overlap", bool(cfg.overlap)),
     ) if on]
     if len(chosen) != 1:
         got = ", ".join(chosen) if chosen else "none"
-        raise UserError(f"give exactly one of BASE TUNED, --random-like, --union, --intersect, --overlap (got {got})")
+        raise UserError(f"give exactly one of BASE TUNED, BASE TUNED --top-like, --random-like, --union, --intersect, "
+                        f"--overlap (got {got})")
     if chosen[0] == "extract" and (cfg.base is None or cfg.tuned is None):
         raise UserError("extraction needs two checkpoints, BASE and TUNED")
+    if chosen[0] == "top_like" and (cfg.base is None or cfg.tuned is None):
+        raise UserError("--top-like needs the two checkpoints whose update it ranks, BASE and TUNED")
     return chosen[0]
 
 
 def _check_out(cfg: MaskConfig, out: Path, suffix: str) -> None:
     refuse_out_over_inputs(out, {"BASE": cfg.base, "TUNED": cfg.tuned, "--random-like": cfg.random_like,
+                                 "--top-like": cfg.top_like,
                                  "--union": cfg.union, "--intersect": cfg.intersect, "--overlap": cfg.overlap})
     if out.suffix != suffix:
         raise UserError(f"{out}: --out must end in {suffix} for this mode")
@@ -88,6 +95,12 @@ def mask(cfg: MaskConfig) -> Path:
         check_device(cfg.device, "--device")
         masks = M.extract_mask(cfg.base, cfg.tuned, atol=cfg.atol, dtype=cfg.dtype, device=cfg.device)
         meta = M.mask_metadata("extract", masks, source=cfg.base, tuned=cfg.tuned, atol=cfg.atol, dtype=cfg.dtype)
+    elif mode == "top_like":
+        check_device(cfg.device, "--device")
+        like, _ = M.load_mask(cfg.top_like)
+        masks = M.top_update_like(cfg.base, cfg.tuned, like, dtype=cfg.dtype, device=cfg.device)
+        meta = M.mask_metadata("top_update_like", masks, source=cfg.top_like, base=cfg.base, tuned=cfg.tuned,
+                               dtype=cfg.dtype)
     elif mode == "random_like":
         parent, parent_meta = M.load_mask(cfg.random_like)
         masks = M.random_like(parent, cfg.seed)
