@@ -126,9 +126,14 @@ def answer_logprobs(
     batch = Rollout(torch.cat([ids_p, ans], 1).to(device), torch.cat([attn_p, ans_mask], 1).to(device),
                     torch.cat([torch.zeros_like(attn_p), ans_mask], 1).to(device), ids_p.shape[1], [], list(examples))
     mask = ans_mask.to(device)
-    logp = log_softmax_chunked(batch.logits(student, "student", vocab_size), chunk, mask)
-    token_logp = logp.gather(-1, batch.targets_BC.unsqueeze(-1)).squeeze(-1)
-    return (token_logp * mask).sum(-1).tolist()
+    return _summed_logp(batch.logits(student, "student", vocab_size), batch.targets_BC, mask, chunk)
+
+
+def _summed_logp(logits_BAV: torch.Tensor, targets_BA: torch.Tensor, mask_BA: torch.Tensor, chunk: int) -> list[float]:
+    """Per row, the summed log-probability of the masked target tokens under `logits_BAV`."""
+    logp = log_softmax_chunked(logits_BAV, chunk, mask_BA)
+    token_logp = logp.gather(-1, targets_BA.unsqueeze(-1)).squeeze(-1)
+    return (token_logp * mask_BA).sum(-1).tolist()
 
 
 def _answer_logprobs_cached(student: Any, prefill: tuple[Any, torch.Tensor], attn_BP: torch.Tensor,
@@ -143,9 +148,7 @@ def _answer_logprobs_cached(student: Any, prefill: tuple[Any, torch.Tensor], att
         rest = student(input_ids=ans_BA[:, :-1], attention_mask=torch.cat([attn_BP, ans_mask_BA[:, :-1]], 1),
                        position_ids=positions, cache=cache, use_cache=True).logits
         logits = torch.cat([logits, rest[..., :vocab_size].float()], dim=1)
-    logp = log_softmax_chunked(logits, chunk, ans_mask_BA)
-    token_logp = logp.gather(-1, ans_BA.unsqueeze(-1)).squeeze(-1)
-    return (token_logp * ans_mask_BA).sum(-1).tolist()
+    return _summed_logp(logits, ans_BA, ans_mask_BA, chunk)
 
 
 def evaluate(
@@ -171,6 +174,7 @@ def evaluate(
     the prompts fewer per batch, the same numbers up to float32 rounding (tests/unit/test_eval_metrics.py).
     Without the fast path, or with `reuse_decode_logits=False`, the student runs both passes.
     """
+    answers = has_answers(examples)
     decoded: dict[int, torch.Tensor] = {}  # batch start -> the decoder's logits [B, C, V]
     prefills: dict[int, tuple[Any, torch.Tensor]] = {}  # batch start -> (prompt cache, first-step logits)
 
@@ -180,7 +184,7 @@ def evaluate(
         batch = roll_out(student, tokenizer, prompt_ids[a:b], examples[a:b], samples=1,
                          max_new_tokens=max_new_tokens, greedy=True,
                          logits_out=steps if reuse_decode_logits else None,
-                         prefill_out=caches if reuse_decode_logits else None)
+                         prefill_out=caches if reuse_decode_logits and answers else None)
         if steps and len(steps) == batch.targets_BC.shape[1]:
             decoded[a] = torch.stack(steps, dim=1)
         if steps and caches:
@@ -197,7 +201,7 @@ def evaluate(
         return answer_logprobs(student, tokenizer, prompt_ids[a:b], examples[a:b], vocab_size, chunk,
                                prefills.pop(a, None))
 
-    return _greedy_eval(student, examples, batch_size, roll, kl, answer if has_answers(examples) else None)
+    return _greedy_eval(student, examples, batch_size, roll, kl, answer if answers else None)
 
 
 def _greedy_eval(
